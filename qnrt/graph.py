@@ -1,0 +1,134 @@
+"""The one graph IR shared by exporters, runtime and tools.
+
+Tensors are named; a node reads and writes names. Attribute names and
+semantics follow ONNX (pads are [x1_begin, x2_begin, ..., x1_end, x2_end]),
+so an ONNX graph maps onto this one node for node. Runtime tensors are
+float32; int64 appears only in constants (shapes, axes) that are folded away.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Shape = tuple  # of int; a str entry is a symbolic dimension (e.g. "N")
+
+
+class GraphError(ValueError):
+    """A graph that cannot be executed: unknown op, bad shape, bad wiring."""
+
+
+@dataclass
+class Node:
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def where(self) -> str:
+        return f"node '{self.name or self.outputs[0]}' ({self.op})"
+
+
+@dataclass
+class ValueInfo:
+    name: str
+    shape: Shape
+    dtype: str = "float32"
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    inputs: list[ValueInfo]
+    outputs: list[ValueInfo]
+    initializers: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    name: str = "graph"
+
+    def producers(self) -> dict[str, Node]:
+        return {o: n for n in self.nodes for o in n.outputs if o}
+
+    def consumers(self) -> dict[str, list[Node]]:
+        users: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i:
+                    users.setdefault(i, []).append(n)
+        return users
+
+    def parameter_count(self) -> int:
+        return int(sum(a.size for a in self.initializers.values()))
+
+    def fresh_name(self, base: str) -> str:
+        taken = set(self.initializers) | {v.name for v in self.inputs}
+        taken |= {o for n in self.nodes for o in n.outputs}
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
+    def validate(self) -> None:
+        """Every input is defined before use, names are unique, graph is a DAG."""
+        known = set(self.initializers) | {v.name for v in self.inputs}
+        for node in self.nodes:
+            for i in node.inputs:
+                if i and i not in known:
+                    raise GraphError(f"{node.where()} reads '{i}', which nothing defines "
+                                     "before it")
+            for o in node.outputs:
+                if o in known:
+                    raise GraphError(f"{node.where()} redefines '{o}'")
+                known.add(o)
+        for out in self.outputs:
+            if out.name not in known:
+                raise GraphError(f"graph output '{out.name}' is never produced")
+
+    def toposort(self) -> None:
+        """Order nodes so every input is produced before it is read."""
+        ready = set(self.initializers) | {v.name for v in self.inputs} | {""}
+        pending, ordered = list(self.nodes), []
+        while pending:
+            rest = []
+            for n in pending:
+                if all(i in ready for i in n.inputs):
+                    ordered.append(n)
+                    ready.update(n.outputs)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                raise GraphError(f"{rest[0].where()} has inputs that are never produced "
+                                 "or form a cycle")
+            pending = rest
+        self.nodes = ordered
+
+
+def infer_shapes(graph: Graph, input_shapes: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """Concrete shape of every tensor, given concrete input shapes.
+
+    Each op's shape rule lives beside its kernel in qnrt/ops/<op>.py.
+    """
+    from .ops import get_op
+
+    shapes: dict[str, tuple] = {k: tuple(v.shape) for k, v in graph.initializers.items()}
+    for vi in graph.inputs:
+        shape = tuple((input_shapes or {}).get(vi.name, vi.shape))
+        if any(not isinstance(d, (int, np.integer)) or d < 1 for d in shape):
+            raise GraphError(f"input '{vi.name}' needs a concrete shape, got {shape}")
+        shapes[vi.name] = tuple(int(d) for d in shape)
+    for node in graph.nodes:
+        in_shapes = [shapes[i] if i else None for i in node.inputs]
+        try:
+            outs = get_op(node.op).infer(node, in_shapes, graph.initializers)
+        except GraphError:
+            raise
+        except Exception as exc:  # a rule's assertion becomes a named error
+            raise GraphError(f"{node.where()}: cannot infer output shape from inputs "
+                             f"{in_shapes}: {exc}") from exc
+        for name, shape in zip(node.outputs, outs):
+            if any(int(d) < 0 for d in shape):
+                raise GraphError(f"{node.where()} gives '{name}' an invalid shape {shape}")
+            shapes[name] = tuple(int(d) for d in shape)
+    return shapes

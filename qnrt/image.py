@@ -1,0 +1,92 @@
+"""Image preprocessing as the .qnb metadata describes it.
+
+Metadata keys (all optional; defaults in DEFAULTS):
+    preprocess.size       [H, W] the network input size
+    preprocess.mode       "RGB" or "L": the colour mode the image is converted to
+                          before resizing (an "L" image is repeated to fill 3 channels)
+    preprocess.resample   "nearest" | "bilinear" | "bicubic" | "lanczos" | "box"
+    preprocess.scale      multiply the 0..255 pixel values by this first
+    preprocess.mean, preprocess.std   per channel, after scaling: (x - mean) / std
+    preprocess.channel_order          "RGB" or "BGR"
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+DEFAULTS = {
+    "preprocess.size": [32, 32],
+    "preprocess.mode": "RGB",
+    "preprocess.resample": "bilinear",
+    "preprocess.scale": 1.0 / 255.0,
+    "preprocess.mean": [0.0, 0.0, 0.0],
+    "preprocess.std": [1.0, 1.0, 1.0],
+    "preprocess.channel_order": "RGB",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or preprocessed."""
+
+
+def settings(metadata: dict) -> dict:
+    return {k: metadata.get(k, v) for k, v in DEFAULTS.items()}
+
+
+def preprocess(image, metadata: dict, channels: int = 3) -> np.ndarray:
+    """A PIL image (any mode, any size) -> float32 array (channels, H, W)."""
+    from PIL import Image
+
+    s = settings(metadata)
+    h, w = (int(v) for v in s["preprocess.size"])
+    mode = s["preprocess.mode"]
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # composite transparent pixels on black, which is what the training data saw
+        bg = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(bg, image.convert("RGBA"))
+    image = image.convert(mode)
+    resample = getattr(Image.Resampling, str(s["preprocess.resample"]).upper(), None)
+    if resample is None:
+        raise ImageError(f"unknown resample filter '{s['preprocess.resample']}'")
+    if image.size != (w, h):
+        image = image.resize((w, h), resample)
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 2:
+        x = np.repeat(x[:, :, None], channels, axis=2)
+    if x.shape[2] != channels:
+        raise ImageError(f"image has {x.shape[2]} channels after conversion to {mode}, "
+                         f"the model takes {channels}")
+    if s["preprocess.channel_order"] == "BGR":
+        x = x[:, :, ::-1]
+    x = x * np.float32(s["preprocess.scale"])
+    mean = np.asarray(s["preprocess.mean"], dtype=np.float32)
+    std = np.asarray(s["preprocess.std"], dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def load_image(path: str, metadata: dict, channels: int = 3) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return preprocess(im, metadata, channels)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc})") from None
+
+
+def list_images(paths: list[str]) -> list[str]:
+    """Files as given; folders expanded to their image files, sorted."""
+    found = []
+    for p in paths:
+        if os.path.isdir(p):
+            found += sorted(os.path.join(p, f) for f in os.listdir(p)
+                            if f.lower().endswith(IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found
