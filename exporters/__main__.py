@@ -1,0 +1,95 @@
+"""python -m exporters: QuickNet from its neutral description to ONNX and .qnb,
+or any supported model file to .qnb.
+
+  python -m exporters quicknet --qnb models/quicknet.qnb --onnx quicknet.onnx
+  python -m exporters quicknet --weights trained.npz --labels digits.txt --qnb q.qnb
+  python -m exporters convert model.onnx model.qnb --input-shape 1,3,32,32
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from qnrt.cli import _shape
+
+
+def cmd_quicknet(args) -> int:
+    from models import quicknet
+    from qnrt import format as qnb
+
+    from .convert import finalize, parse_preprocess
+
+    weights = None
+    if args.weights:
+        with np.load(args.weights) as data:
+            weights = {k: data[k] for k in data.files}
+    labels = None
+    if args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+    graph = quicknet.build(weights, width=args.width, num_classes=args.classes,
+                           input_size=args.input_size, seed=args.seed, labels=labels)
+    graph.metadata["model.trained"] = weights is not None
+    graph.metadata["model.weights"] = args.weights or f"deterministic initial (seed {args.seed})"
+    graph.metadata.update(parse_preprocess(args.preprocess))
+    if args.onnx:
+        from .onnx_export import save_onnx
+
+        save_onnx(graph, args.onnx)
+        print(f"wrote {args.onnx}", file=sys.stderr)
+    if args.qnb:
+        finalize(graph, log=lambda m: print(m, file=sys.stderr))
+        size = qnb.save(graph, args.qnb)
+        print(f"wrote {args.qnb} ({size / 2**20:.2f} MiB)", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    convert(args.input, args.output, args.input_shape, args.labels, args.preprocess,
+            log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quicknet", help="build QuickNet from the layer table (+ optional weights)")
+    q.add_argument("--weights", help="neutral .npz weights (names as in models/quicknet.py); "
+                   "default: deterministic initial weights")
+    q.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    q.add_argument("--classes", type=int, default=10)
+    q.add_argument("--input-size", type=int, default=32, help="H = W of the input (default 32)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    q.add_argument("--labels", help="text file, one class label per line")
+    q.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--onnx", help="write ONNX here")
+    q.add_argument("--qnb", help="write .qnb here (batch norm folded, activations fused)")
+    q.set_defaults(func=cmd_quicknet)
+    c = sub.add_parser("convert", help="ONNX / Keras .h5 -> .qnb (same as qnrt convert)")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--input-shape", type=_shape)
+    c.add_argument("--labels")
+    c.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_convert)
+    args = parser.parse_args(argv)
+    if not (getattr(args, "onnx", 1) or getattr(args, "qnb", 1)):
+        parser.error("quicknet: give --onnx and/or --qnb")
+    from qnrt.format import FormatError
+    from qnrt.graph import GraphError
+
+    try:
+        return args.func(args)
+    except (OSError, FormatError, GraphError, ValueError) as exc:
+        print(f"exporters: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""One entry point for every source format: import, fix shapes, attach
+metadata, optimize, check that the runtime can plan it, write .qnb atomically."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+
+from qnrt import format as qnb
+from qnrt.graph import Graph, GraphError, infer_shapes
+from qnrt.rewrite import optimize
+
+PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
+                   "mode": str, "resample": str, "channel_order": str}
+
+
+def load_any(path: str, input_shape=None) -> Graph:
+    """An IR graph from .onnx, .h5/.keras or .qnb."""
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    if ext == ".onnx":
+        from .onnx_import import from_onnx
+        import onnx
+
+        model = onnx.load(path)
+        shapes = None
+        if input_shape:
+            inits = {i.name for i in model.graph.initializer}
+            first = next(i.name for i in model.graph.input if i.name not in inits)
+            shapes = {first: tuple(input_shape)}
+        return from_onnx(model, shapes)
+    if ext in (".h5", ".hdf5", ".keras"):
+        from .keras_h5 import from_h5
+
+        return from_h5(path, input_shape=input_shape)
+    if ext == ".qnb":
+        return qnb.load(path)
+    raise GraphError(f"{path}: unknown model format '{ext}' (expected .onnx, .h5 or .qnb)")
+
+
+def parse_preprocess(items) -> dict:
+    meta = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("preprocess.")
+        if not sep or key not in PREPROCESS_KEYS:
+            raise GraphError(f"--preprocess '{item}': expected KEY=VALUE with KEY one of "
+                             f"{', '.join(PREPROCESS_KEYS)}")
+        kind = PREPROCESS_KEYS[key]
+        try:
+            if kind is str:
+                meta[f"preprocess.{key}"] = value
+            elif key in ("size", "mean", "std"):
+                meta[f"preprocess.{key}"] = [kind(v) for v in value.split(",")]
+            else:
+                meta[f"preprocess.{key}"] = kind(value)
+        except ValueError:
+            raise GraphError(f"--preprocess '{item}': '{value}' is not a valid {key}") from None
+    return meta
+
+
+def finalize(graph: Graph, input_shape=None, labels=None, metadata=None, log=None) -> dict:
+    """Optimize in place and make sure the runtime can plan the graph; returns a summary."""
+    before = Counter(n.op for n in graph.nodes)
+    if input_shape:
+        graph.inputs[0].shape = tuple(input_shape)
+    if labels:
+        graph.metadata["labels"] = list(labels)
+    graph.metadata.update(metadata or {})
+    optimize(graph)
+    graph.validate()
+    graph.toposort()
+    after = Counter(n.op + ("+" + n.attrs["activation"] if n.attrs.get("activation") else "")
+                    for n in graph.nodes)
+    concrete = {v.name: tuple(1 if isinstance(d, str) else d for d in v.shape)
+                for v in graph.inputs}
+    infer_shapes(graph, concrete)
+    from qnrt.session import Session
+
+    Session(graph).prepare(concrete)  # every kernel validates its node before we write
+    summary = {"nodes_before": sum(before.values()), "nodes_after": len(graph.nodes),
+               "ops_before": dict(before), "ops_after": dict(after),
+               "parameters": graph.parameter_count()}
+    if log:
+        log(f"{summary['nodes_before']} nodes -> {summary['nodes_after']} after folding "
+            f"and fusion; {summary['parameters']:,} parameters")
+        log("ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(after.items())))
+    return summary
+
+
+def convert(src: str, dst: str, input_shape=None, labels=None, preprocess=(),
+            log=None) -> dict:
+    graph = load_any(src, input_shape)
+    label_list = None
+    if labels:
+        with open(labels, encoding="utf-8") as f:
+            label_list = [line.strip() for line in f if line.strip()]
+    summary = finalize(graph, input_shape, label_list, parse_preprocess(preprocess), log)
+    size = qnb.save(graph, dst)
+    if log:
+        log(f"wrote {dst} ({size / 2**20:.2f} MiB)")
+    summary["bytes"] = size
+    return summary
+
+
+def max_abs_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

@@ -1,0 +1,215 @@
+"""qnrt command line: run, info, convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+EPILOG = """examples:
+  qnrt run models/quicknet_digits.qnb examples/            classify every image in a folder
+  qnrt run model.qnb cat.png --top 3 --json                top-3 as JSON lines
+  qnrt info model.qnb --input-shape 1,3,224,224            graph, parameters, planned arena
+  qnrt convert model.onnx model.qnb --input-shape 1,3,32,32 --labels labels.txt
+"""
+
+
+class CliError(Exception):
+    pass
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,32,32") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape of positive sizes")
+    return dims
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def cmd_run(args) -> int:
+    from .image import ImageError, list_images, load_image
+    from .session import Session
+
+    session = Session(args.model)
+    meta = session.metadata
+    inp = session.get_inputs()[0]
+    if len(inp.shape) != 4:
+        raise CliError(f"'{args.model}' takes a {len(inp.shape)}-D input, not an image batch")
+    channels = inp.shape[1]
+    paths = list_images(args.images)
+    if not paths:
+        raise CliError("no images found in " + ", ".join(args.images))
+    labels = list(meta.get("labels", []))
+    last_op = session.graph.nodes[-1].op if session.graph.nodes else ""
+    untrained = meta.get("model.trained") is False
+    if untrained:
+        print("note: this model has deterministic initial weights, not trained ones; "
+              "its answers are not meaningful", file=sys.stderr)
+    show_progress = len(paths) > args.batch and sys.stderr.isatty() and not args.json
+    failures = 0
+    for start in range(0, len(paths), args.batch):
+        chunk, batch = [], []
+        for p in paths[start:start + args.batch]:
+            try:
+                batch.append(load_image(p, meta, channels))
+                chunk.append(p)
+            except ImageError as exc:
+                failures += 1
+                print(f"error: {exc}", file=sys.stderr)
+        if not batch:
+            continue
+        (scores,) = session.run(None, {inp.name: np.stack(batch)})
+        scores = scores.reshape(len(batch), -1)
+        probs = scores if last_op == "Softmax" else _softmax(scores)
+        for path, p in zip(chunk, probs):
+            top = np.argsort(-p, kind="stable")[:args.top]
+            picks = [{"label": labels[k] if k < len(labels) else str(k), "index": int(k),
+                      "probability": float(p[k])} for k in top]
+            if args.json:
+                print(json.dumps({"image": path, "top": picks, "trained": not untrained}))
+            else:
+                print(f"{path}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})"
+                                              for t in picks))
+        if show_progress:
+            print(f"\r{min(start + args.batch, len(paths))}/{len(paths)} images",
+                  end="", file=sys.stderr)
+    if show_progress:
+        print(file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_info(args) -> int:
+    from . import format as qnb
+    from .session import Session
+
+    header = qnb.info(args.model)
+    session = Session(args.model)
+    graph = session.graph
+    shape = args.input_shape
+    inp = session.get_inputs()[0]
+    program = session.prepare({inp.name: shape} if shape else None)
+    ops: dict[str, int] = {}
+    for n in graph.nodes:
+        key = n.op + (f"+{n.attrs['activation']}" if n.attrs.get("activation") else "")
+        ops[key] = ops.get(key, 0) + 1
+    report = {
+        "model": args.model,
+        "file_bytes": os.path.getsize(args.model),
+        "format_version": header.get("version"),
+        "name": graph.name,
+        "metadata": graph.metadata,
+        "inputs": [vars(i) for i in session.get_inputs()],
+        "outputs": [vars(o) for o in session.get_outputs()],
+        "parameters": graph.parameter_count(),
+        "nodes": len(graph.nodes),
+        "ops": ops,
+        "planned_input_shapes": {k: list(v) for k, v in program.shapes.items()
+                                 if k in {i.name for i in graph.inputs}},
+        "arena_bytes": program.memory.arena_bytes,
+        "naive_activation_bytes": program.memory.naive_bytes,
+        "lower_bound_bytes": program.memory.lower_bound,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"{args.model}: {graph.name}, .qnb v{report['format_version']}, "
+          f"{report['file_bytes'] / 2**20:.2f} MiB on disk")
+    for k, v in graph.metadata.items():
+        if k != "labels":
+            print(f"  {k}: {v}")
+    if "labels" in graph.metadata:
+        print(f"  labels: {', '.join(map(str, graph.metadata['labels']))}")
+    for i in session.get_inputs():
+        print(f"input  {i.name}: {i.type} {i.shape}")
+    for o in session.get_outputs():
+        print(f"output {o.name}: {o.type} {o.shape}")
+    print(f"parameters: {report['parameters']:,}")
+    print(f"nodes: {len(graph.nodes)} (" + ", ".join(f"{k} x{v}" for k, v in ops.items()) + ")")
+    print(f"activation arena for {report['planned_input_shapes']}: "
+          f"{report['arena_bytes'] / 1024:.1f} KiB (naive {report['naive_activation_bytes'] / 1024:.1f}"
+          f" KiB, lower bound {report['lower_bound_bytes'] / 1024:.1f} KiB)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    try:
+        from exporters.convert import convert
+    except ImportError as exc:
+        raise CliError(f"qnrt convert needs the exporter extras ({exc}); "
+                       "install them with: pip install 'qnrt[export]'") from None
+    convert(args.input, args.output, input_shape=args.input_shape, labels=args.labels,
+            preprocess=args.preprocess, log=lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qnrt", description="Run QuickNet-style CNNs from .qnb files on small devices.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="classify images with a .qnb model",
+                         description="Preprocess each image as the model's metadata says, "
+                                     "run the model, print the top-k labels.")
+    run.add_argument("model", help="a .qnb model file")
+    run.add_argument("images", nargs="+", help="image files or folders of images")
+    run.add_argument("--top", type=int, default=3, help="how many labels to print (default 3)")
+    run.add_argument("--json", action="store_true", help="one JSON object per image")
+    run.add_argument("--batch", type=int, default=16, help="images per run (default 16)")
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", help="describe a .qnb model and its memory plan")
+    info.add_argument("model", help="a .qnb model file")
+    info.add_argument("--input-shape", type=_shape, help="plan for this input shape, e.g. "
+                      "1,3,224,224 (default: the model's, batch 1)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", help="convert an ONNX or Keras .h5 model to .qnb",
+                          description="Import, clean up and optimize a model, then write it "
+                                      "as .qnb (atomically). Needs: pip install 'qnrt[export]'.")
+    conv.add_argument("input", help="model.onnx or model.h5")
+    conv.add_argument("output", help="the .qnb to write")
+    conv.add_argument("--input-shape", type=_shape,
+                      help="fix the input's dynamic dimensions, e.g. 1,3,32,32")
+    conv.add_argument("--labels", help="a text file with one class label per line")
+    conv.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
+                      help="preprocessing metadata, e.g. size=32,32 mean=0.5,0.5,0.5 "
+                           "std=0.5,0.5,0.5 mode=RGB scale=0.00392 (repeatable)")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "top", 1) < 1 or getattr(args, "batch", 1) < 1:
+        print("qnrt: error: --top and --batch must be at least 1", file=sys.stderr)
+        return 2
+    from .format import FormatError
+    from .graph import GraphError
+    from .image import ImageError
+    from .session import InvalidArgument
+
+    try:
+        return args.func(args)
+    except FileNotFoundError as exc:
+        print(f"qnrt: error: {exc.filename or exc}: no such file", file=sys.stderr)
+    except (CliError, FormatError, GraphError, ImageError, InvalidArgument) as exc:
+        print(f"qnrt: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("qnrt: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Static activation-memory planning: buffers with lifetimes in, offsets into
+one arena out. Knows nothing about kernels; it sees only sizes and the steps
+at which each buffer is first written and last read.
+
+Offsets are assigned greedy-by-size (Pisarchyk & Lee, 2020; TFLite's
+GreedyMemoryPlanner): largest buffer first, each placed at the lowest
+aligned offset that does not collide with an already placed buffer whose
+lifetime overlaps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALIGN = 64  # bytes: cache-line aligned, and what SIMD loads like
+
+
+@dataclass
+class Buffer:
+    name: str
+    size: int  # bytes
+    first: int  # step that writes it (-1: live before step 0, e.g. graph inputs)
+    last: int  # last step that reads it (a large number: read after the run)
+    offset: int = -1
+
+
+@dataclass
+class Plan:
+    buffers: list[Buffer]
+    arena_bytes: int
+    naive_bytes: int  # every buffer its own allocation
+    lower_bound: int  # the largest set of buffers live at one step
+    live_per_step: list[list[str]] = field(default_factory=list)
+
+    def offsets(self) -> dict[str, int]:
+        return {b.name: b.offset for b in self.buffers}
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _overlap(a: Buffer, b: Buffer) -> bool:
+    return a.first <= b.last and b.first <= a.last
+
+
+def plan(buffers: list[Buffer], steps: int) -> Plan:
+    placed: list[Buffer] = []
+    # ties broken by earlier start so the plan is deterministic
+    for buf in sorted(buffers, key=lambda b: (-b.size, b.first, b.name)):
+        clashes = sorted((p for p in placed if _overlap(p, buf)), key=lambda p: p.offset)
+        offset = 0
+        for p in clashes:
+            if offset + buf.size <= p.offset:
+                break  # fits in the gap before p
+            offset = max(offset, aligned(p.offset + p.size))
+        buf.offset = offset
+        placed.append(buf)
+    arena = max((aligned(b.offset + b.size) for b in buffers), default=0)
+    live = [[b.name for b in buffers if b.first <= s <= b.last] for s in range(-1, steps)]
+    sizes = {b.name: aligned(b.size) for b in buffers}
+    bound = max((sum(sizes[n] for n in names) for names in live), default=0)
+    naive = sum(aligned(b.size) for b in buffers)
+    return Plan(buffers, arena, naive, bound, live)
+
+
+def check(plan: Plan) -> None:
+    """No two buffers that are live together share a byte; all are aligned."""
+    for i, a in enumerate(plan.buffers):
+        assert a.offset % ALIGN == 0 and a.offset + a.size <= plan.arena_bytes, a
+        for b in plan.buffers[i + 1:]:
+            if _overlap(a, b):
+                assert a.offset + a.size <= b.offset or b.offset + b.size <= a.offset, (a, b)

@@ -1,0 +1,146 @@
+"""Load-time graph rewrites. Each is idempotent, so a graph that the exporter
+already optimized passes through untouched (and its memory-mapped weights are
+not copied).
+
+- identities removed: Identity, Dropout (inference), no-op Cast
+- batch norm folded into the preceding convolution (or Gemm-free standalone
+  BatchNormalization left for its own kernel)
+- activation fused into the preceding convolution: PRelu kept per channel,
+  LeakyRelu becomes its one-slope case
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import Graph, Node
+
+FUSABLE = {"Relu", "PRelu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish"}
+
+
+def optimize(graph: Graph) -> Graph:
+    remove_identities(graph)
+    fold_batchnorm(graph)
+    fuse_activations(graph)
+    drop_unused_initializers(graph)
+    return graph
+
+
+def _rename_input(graph: Graph, old: str, new: str) -> None:
+    for n in graph.nodes:
+        n.inputs = [new if i == old else i for i in n.inputs]
+
+
+def _single_consumer(graph: Graph, name: str) -> Node | None:
+    if name in {o.name for o in graph.outputs}:
+        return None
+    users = graph.consumers().get(name, [])
+    return users[0] if len(users) == 1 else None
+
+
+def remove_identities(graph: Graph) -> None:
+    outputs = {o.name for o in graph.outputs}
+    kept = []
+    for node in graph.nodes:
+        passthrough = node.op in ("Identity", "Dropout") and len(
+            [o for o in node.outputs[1:] if o]) == 0
+        if passthrough and node.outputs[0] not in outputs:
+            _rename_input(graph, node.outputs[0], node.inputs[0])
+        else:
+            kept.append(node)
+    graph.nodes = kept
+
+
+def fold_batchnorm(graph: Graph) -> None:
+    """Conv -> BatchNormalization becomes one Conv with scaled weights."""
+    producers = graph.producers()
+    consts = graph.initializers
+    kept = []
+    removed = set()
+    for node in graph.nodes:
+        conv = producers.get(node.inputs[0]) if node.op == "BatchNormalization" else None
+        if (conv is None or conv.op != "Conv" or conv.attrs.get("activation")
+                or _single_consumer(graph, conv.outputs[0]) is not node
+                or not all(i in consts for i in node.inputs[1:5])
+                or not all(i in consts for i in conv.inputs[1:3] if i)):
+            kept.append(node)
+            continue
+        scale, bias, mean, var = (consts[i].astype(np.float64) for i in node.inputs[1:5])
+        k = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        w = consts[conv.inputs[1]].astype(np.float64)
+        b = consts[conv.inputs[2]].astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] \
+            else np.zeros(w.shape[0])
+        wname = graph.fresh_name(conv.inputs[1] + ".folded")
+        bname = graph.fresh_name((conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2]
+                                  else conv.inputs[1]) + ".bias_folded")
+        consts[wname] = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        consts[bname] = ((b - mean) * k + bias).astype(np.float32)
+        conv.inputs = [conv.inputs[0], wname, bname] + conv.inputs[3:]
+        conv.outputs = [node.outputs[0]]
+        removed.add(id(node))
+    graph.nodes = [n for n in kept if id(n) not in removed]
+
+
+def _channel_slope(slope: np.ndarray, channels: int) -> np.ndarray | None:
+    """A PRelu slope broadcastable as one value per channel of NCHW, as (C,)."""
+    s = np.asarray(slope, dtype=np.float32)
+    if s.size == 1:
+        return np.full(channels, s.reshape(-1)[0], dtype=np.float32)
+    squeezed = s.reshape(s.shape[-3:] if s.ndim >= 3 else s.shape)
+    if s.ndim >= 3 and squeezed.shape == (channels, 1, 1) and all(d == 1 for d in s.shape[:-3]):
+        return squeezed.reshape(channels).copy()
+    return None
+
+
+def fuse_activations(graph: Graph) -> None:
+    producers = graph.producers()
+    consts = graph.initializers
+    removed = set()
+    for node in graph.nodes:
+        if node.op not in FUSABLE:
+            continue
+        conv = producers.get(node.inputs[0])
+        if (conv is None or conv.op != "Conv" or conv.attrs.get("activation")
+                or _single_consumer(graph, conv.outputs[0]) is not node):
+            continue
+        attrs = {"activation": node.op}
+        extra = []
+        cout = consts[conv.inputs[1]].shape[0] if conv.inputs[1] in consts else None
+        if node.op in ("PRelu", "LeakyRelu"):
+            if node.op == "PRelu":
+                if node.inputs[1] not in consts or cout is None:
+                    continue
+                slope = _channel_slope(consts[node.inputs[1]], cout)
+                if slope is None:
+                    continue
+            else:
+                slope = np.full(cout or 0, node.attrs.get("alpha", 0.01), np.float32)
+                if cout is None:
+                    continue
+            sname = graph.fresh_name((node.name or node.outputs[0]) + ".slope")
+            consts[sname] = slope
+            attrs["activation"] = "PRelu"
+            extra = [sname]
+        elif node.op == "Clip":
+            lo, hi = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
+            bounds = node.inputs[1:3] + ["", ""]
+            if any(b and b not in consts for b in bounds[:2]):
+                continue
+            lo = float(consts[bounds[0]]) if bounds[0] else lo
+            hi = float(consts[bounds[1]]) if bounds[1] else hi
+            attrs.update(activation_min=float(lo), activation_max=float(hi))
+        elif node.op == "HardSigmoid":
+            attrs.update(activation_alpha=float(node.attrs.get("alpha", 0.2)),
+                         activation_beta=float(node.attrs.get("beta", 0.5)))
+        inputs = conv.inputs + [""] * (3 - len(conv.inputs))
+        conv.inputs = inputs[:3] + extra if extra else conv.inputs
+        conv.attrs = {**conv.attrs, **attrs}
+        conv.outputs = [node.outputs[0]]
+        removed.add(id(node))
+        producers = graph.producers()
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+
+
+def drop_unused_initializers(graph: Graph) -> None:
+    used = {i for n in graph.nodes for i in n.inputs}
+    for name in [k for k in graph.initializers if k not in used]:
+        del graph.initializers[name]

@@ -1,0 +1,246 @@
+"""qnrt.Session: load a .qnb, plan one activation arena per input shape,
+run the Numba kernels over it. Shaped like onnxruntime.InferenceSession."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import format as qnb
+from .graph import Graph, GraphError, infer_shapes
+from .ops import Kernel, get_op
+from .planner import ALIGN, Buffer, Plan, plan
+from .rewrite import optimize
+
+_ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+AFTER_RUN = 1 << 30  # lifetime end for graph outputs: read after the last step
+
+
+class InvalidArgument(ValueError):
+    """Bad input to run(): unknown name, wrong shape or wrong dtype."""
+
+
+@dataclass
+class NodeArg:
+    name: str
+    shape: list
+    type: str
+
+
+@dataclass
+class ModelMetadata:
+    graph_name: str
+    producer_name: str
+    custom_metadata_map: dict
+
+
+@dataclass
+class Step:
+    node_name: str
+    op: str
+    kernel: Kernel
+    inputs: list  # arena views or constant arrays
+    outputs: list
+    workspace: np.ndarray | None
+
+
+@dataclass
+class Program:
+    """Everything a run needs for one set of input shapes, fixed before it runs."""
+    shapes: dict
+    steps: list[Step]
+    memory: Plan
+    tensor_buffer: dict  # tensor name -> buffer name
+    views: dict  # tensor name -> arena view
+    arena: np.ndarray = field(repr=False)
+
+
+class Session:
+    """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True)
+
+    `providers` and `sess_options` are accepted for drop-in compatibility with
+    onnxruntime and ignored: qnrt has one provider, its Numba kernels.
+    """
+
+    def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True):
+        if isinstance(model, Graph):
+            graph = model
+        elif isinstance(model, (bytes, bytearray, memoryview)):
+            graph = qnb.loads(bytes(model))
+        elif isinstance(model, (str, os.PathLike)):
+            graph = qnb.load(os.fspath(model), verify=verify)
+        else:
+            raise TypeError(f"Session takes a .qnb path, its bytes or a Graph, not {type(model).__name__}")
+        graph = optimize(graph)
+        graph.validate()
+        graph.toposort()
+        for node in graph.nodes:
+            get_op(node.op)  # unknown ops fail now, not at the first run
+        self._graph = graph
+        self._consts = {k: _as_float32(k, v) for k, v in graph.initializers.items()}
+        self._programs: dict[tuple, Program] = {}
+        self._lock = threading.Lock()
+
+    # -- onnxruntime-shaped API -------------------------------------------------
+    def get_inputs(self) -> list[NodeArg]:
+        return [NodeArg(v.name, list(v.shape), _ONNX_TYPES.get(v.dtype, v.dtype))
+                for v in self._graph.inputs]
+
+    def get_outputs(self) -> list[NodeArg]:
+        return [NodeArg(v.name, list(v.shape), _ONNX_TYPES.get(v.dtype, v.dtype))
+                for v in self._graph.outputs]
+
+    def get_modelmeta(self) -> ModelMetadata:
+        return ModelMetadata(self._graph.name, "qnrt", dict(self._graph.metadata))
+
+    def get_providers(self) -> list[str]:
+        return ["NumbaExecutionProvider"]
+
+    @property
+    def metadata(self) -> dict:
+        return self._graph.metadata
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
+        names = output_names or [v.name for v in self._graph.outputs]
+        known = {v.name for v in self._graph.outputs}
+        for n in names:
+            if n not in known:
+                raise InvalidArgument(f"'{n}' is not an output of this model; outputs are "
+                                      f"{sorted(known)}")
+        shapes = self._check_feed(input_feed)
+        with self._lock:
+            program = self.prepare(shapes)
+            for name, value in input_feed.items():
+                np.copyto(program.views[name], value)
+            for step in program.steps:
+                step.kernel.run(step.inputs, step.outputs, step.workspace)
+            return [program.views[n].copy() for n in names]
+
+    # -- planning ----------------------------------------------------------------
+    def prepare(self, input_shapes: dict | None = None) -> Program:
+        """The program (kernels, arena, offsets) for these input shapes; made once."""
+        shapes = self._concrete_input_shapes(input_shapes or {})
+        key = tuple(sorted(shapes.items()))
+        if key not in self._programs:
+            self._programs[key] = self._build(shapes)
+        return self._programs[key]
+
+    def _concrete_input_shapes(self, given: dict) -> dict:
+        out = {}
+        for v in self._graph.inputs:
+            shape = tuple(given.get(v.name, v.shape))
+            out[v.name] = tuple(1 if isinstance(d, str) else int(d) for d in shape)
+        return out
+
+    def _check_feed(self, feed: dict) -> dict:
+        if not isinstance(feed, dict):
+            raise InvalidArgument("input_feed must be a dict of input name -> numpy array")
+        expected = {v.name: v for v in self._graph.inputs}
+        extra = sorted(set(feed) - set(expected))
+        missing = sorted(set(expected) - set(feed))
+        if extra or missing:
+            raise InvalidArgument(f"inputs do not match the model: missing {missing}, "
+                                  f"unknown {extra}; the model takes {sorted(expected)}")
+        shapes = {}
+        for name, value in feed.items():
+            v = expected[name]
+            if not isinstance(value, np.ndarray):
+                raise InvalidArgument(f"input '{name}' must be a numpy array, "
+                                      f"not {type(value).__name__}")
+            if value.dtype != np.float32:
+                raise InvalidArgument(f"input '{name}' has dtype {value.dtype}; the model "
+                                      f"takes float32 (use x.astype(np.float32))")
+            if value.ndim != len(v.shape) or any(
+                    not isinstance(d, str) and d != s for d, s in zip(v.shape, value.shape)):
+                raise InvalidArgument(f"input '{name}' has shape {value.shape}; the model "
+                                      f"takes {tuple(v.shape)}")
+            if value.size == 0:
+                raise InvalidArgument(f"input '{name}' is empty (shape {value.shape})")
+            shapes[name] = value.shape
+        return shapes
+
+    def _build(self, input_shapes: dict) -> Program:
+        graph, consts = self._graph, self._consts
+        shapes = infer_shapes(graph, input_shapes)
+        last_use = _last_uses(graph)
+        outputs = {v.name for v in graph.outputs}
+        tensor_buffer: dict[str, str] = {}
+        buffers: dict[str, Buffer] = {}
+        members: dict[str, list[str]] = {}
+
+        def new_buffer(tensor, first):
+            buffers[tensor] = Buffer(tensor, 4 * int(np.prod(shapes[tensor])), first,
+                                     AFTER_RUN if tensor in outputs else last_use.get(tensor, first))
+            tensor_buffer[tensor] = tensor
+            members[tensor] = [tensor]
+
+        def join(tensor, buf):  # tensor shares buf's bytes
+            tensor_buffer[tensor] = buf
+            members[buf].append(tensor)
+            end = AFTER_RUN if tensor in outputs else last_use.get(tensor, 0)
+            buffers[buf].last = max(buffers[buf].last, end)
+
+        for v in graph.inputs:
+            new_buffer(v.name, -1)
+        kernels, workspaces = [], []
+        for i, node in enumerate(graph.nodes):
+            op = get_op(node.op)
+            in_shapes = [shapes[t] if t else None for t in node.inputs]
+            out_shapes = [shapes[t] for t in node.outputs]
+            kernel = op.prepare(node, in_shapes, out_shapes, consts)
+            kernels.append(kernel)
+            src = node.inputs[0] if node.inputs else ""
+            buf = tensor_buffer.get(src)
+            for k, out in enumerate(node.outputs):
+                if k == 0 and buf and op.alias:
+                    join(out, buf)
+                elif (k == 0 and buf and op.inplace and out_shapes[0] == in_shapes[0]
+                      and all(last_use.get(t) == i and t not in outputs for t in members[buf])):
+                    join(out, buf)
+                else:
+                    new_buffer(out, i)
+            if kernel.workspace:
+                workspaces.append(Buffer(f"{node.name or node.outputs[0]}:workspace",
+                                         int(kernel.workspace), i, i))
+        memory = plan(list(buffers.values()) + workspaces, len(graph.nodes))
+        arena = _aligned_empty(memory.arena_bytes)
+        offsets = memory.offsets()
+        views = {t: arena[offsets[b]:offsets[b] + 4 * int(np.prod(shapes[t]))]
+                 .view(np.float32).reshape(shapes[t]) for t, b in tensor_buffer.items()}
+        ws_views = {b.name: arena[b.offset:b.offset + b.size] for b in workspaces}
+        steps = []
+        for node, kernel in zip(graph.nodes, kernels):
+            ins = [views[t] if t in views else consts.get(t) if t else None for t in node.inputs]
+            outs = [views[t] for t in node.outputs]
+            ws = ws_views.get(f"{node.name or node.outputs[0]}:workspace")
+            steps.append(Step(node.name, node.op, kernel, ins, outs, ws))
+        return Program(shapes, steps, memory, tensor_buffer, views, arena)
+
+
+def _last_uses(graph: Graph) -> dict[str, int]:
+    last = {}
+    for i, node in enumerate(graph.nodes):
+        for t in node.inputs:
+            if t:
+                last[t] = i
+    return last
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    raw = np.empty(max(nbytes, 1) + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + nbytes]
+
+
+def _as_float32(name: str, value: np.ndarray) -> np.ndarray:
+    if value.dtype == np.float32 or value.dtype.kind in "iub":
+        return value
+    if value.dtype.kind == "f":
+        return value.astype(np.float32)
+    raise GraphError(f"constant '{name}' has unsupported dtype {value.dtype}")
