@@ -1,0 +1,301 @@
+"""Helpers shared by the op files: attribute parsing, error messages, const
+capture, and the Numba kernels several ops reuse (activation, broadcasting
+binary loop, strided copy).
+
+Numba kernels take contiguous float32 arrays, int64 ints and float64 scalars
+only, so each compiles to one specialization (cheap cold start with cache).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from ..graph import GraphError
+
+JIT = dict(cache=True, nogil=True, fastmath=False)
+njit = numba.njit(**JIT)
+MAX_RANK = 6
+
+
+def fail(node, msg):
+    raise GraphError(f"{node.where()}: {msg}")
+
+
+def attr_ints(node, name, default=None):
+    v = node.attrs.get(name, default)
+    return None if v is None else [int(i) for i in (v if hasattr(v, "__len__") else [v])]
+
+
+def attr_str(node, name, default=""):
+    v = node.attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def has_input(node, i):
+    return len(node.inputs) > i and bool(node.inputs[i])
+
+
+def const_of(node, i, consts):
+    """The initializer feeding input i, or None (omitted or produced at run time)."""
+    return consts.get(node.inputs[i]) if has_input(node, i) else None
+
+
+def numba_const(a):
+    """A const as a C-contiguous float32 array Numba may read. Read-only
+    (memory-mapped) consts are copied: Numba would compile a separate
+    read-only specialization of every kernel otherwise; consts that reach
+    Numba kernels are small (bias, slopes, depthwise weights)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return a if a.flags.writeable else a.copy()
+
+
+def int_list(a):
+    return [int(i) for i in np.asarray(a).reshape(-1)]
+
+
+def norm_axis(node, axis, rank):
+    if not -rank <= axis < max(rank, 1):
+        fail(node, f"axis {axis} is out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def broadcast_shapes(node, *shapes):
+    try:
+        return tuple(int(d) for d in np.broadcast_shapes(*[tuple(s) for s in shapes]))
+    except ValueError:
+        fail(node, f"shapes {list(shapes)} do not broadcast")
+
+
+# --- windows (Conv and pools) ------------------------------------------------
+
+def window_geometry(node, spatial, kernel, strides, dilations, ceil_mode=False):
+    """Resolve pads (explicit or auto_pad) and output sizes for a sliding window.
+    Returns (pads_begin, pads_end, out_sizes), validated."""
+    r = len(spatial)
+    if len(kernel) != r or len(strides) != r or len(dilations) != r:
+        fail(node, f"kernel_shape/strides/dilations must have {r} entries, got "
+                   f"{kernel}, {strides}, {dilations}")
+    if min(kernel) < 1 or min(strides) < 1 or min(dilations) < 1:
+        fail(node, f"kernel_shape {kernel}, strides {strides} and dilations {dilations} "
+                   "must be positive")
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    auto = attr_str(node, "auto_pad", "NOTSET") or "NOTSET"
+    if auto == "NOTSET":
+        pads = attr_ints(node, "pads", [0] * 2 * r)
+        if len(pads) != 2 * r or min(pads) < 0:
+            fail(node, f"pads {pads} must be {2 * r} non-negative ints")
+        begin, end = pads[:r], pads[r:]
+        out = []
+        for i in range(r):
+            span = spatial[i] + begin[i] + end[i] - ext[i]
+            if span < 0:
+                fail(node, f"window {ext[i]} is larger than the padded input "
+                           f"{spatial[i] + begin[i] + end[i]}")
+            o = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+            if ceil_mode and (o - 1) * strides[i] >= spatial[i] + begin[i]:
+                o -= 1  # the last window would start in the end padding
+            out.append(o)
+    elif auto == "VALID":
+        begin, end = [0] * r, [0] * r
+        out = [(spatial[i] - ext[i]) // strides[i] + 1 for i in range(r)]
+        if min(out) < 1:
+            fail(node, f"window {ext} is larger than the input {spatial}")
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        out = [-(-spatial[i] // strides[i]) for i in range(r)]
+        total = [max(0, (out[i] - 1) * strides[i] + ext[i] - spatial[i]) for i in range(r)]
+        small = [t // 2 for t in total]
+        big = [t - t // 2 for t in total]
+        begin, end = (small, big) if auto == "SAME_UPPER" else (big, small)
+    else:
+        fail(node, f"unknown auto_pad '{auto}'")
+    return begin, end, out
+
+
+# --- activations -------------------------------------------------------------
+
+# codes shared by the unary ops and Conv's fused epilogue
+ACT_CODES = {"": 0, "Relu": 1, "PRelu": 2, "Clip": 3, "Sigmoid": 4, "HardSigmoid": 5,
+             "HardSwish": 6, "LeakyRelu": 7, "Tanh": 8}
+
+
+def activation_params(node, kind, alpha=None, beta=None, lo=None, hi=None):
+    """(a, b) float64 parameters of activation `kind` with ONNX defaults."""
+    if kind == "Clip":
+        return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+    if kind == "HardSigmoid":
+        return (0.2 if alpha is None else float(alpha)), (0.5 if beta is None else float(beta))
+    if kind == "HardSwish":
+        return 1.0 / 6.0, 0.5
+    if kind == "LeakyRelu":
+        return (0.01 if alpha is None else float(alpha)), 0.0
+    return 0.0, 0.0
+
+
+@njit
+def _act(v, s, kind, a, b):
+    """Activation `kind` of float32 v (s: PRelu slope; a, b: float32 params)."""
+    if kind == 1:
+        return v if v > 0 else np.float32(0)
+    if kind == 2 or kind == 7:
+        return v if v >= 0 else v * (s if kind == 2 else a)
+    if kind == 3:
+        return min(max(v, a), b)
+    if kind == 4:
+        return np.float32(1) / (np.float32(1) + np.exp(-v))
+    if kind == 5:
+        return max(np.float32(0), min(np.float32(1), a * v + b))
+    if kind == 6:
+        return v * max(np.float32(0), min(np.float32(1), a * v + b))
+    if kind == 8:
+        return np.tanh(v)
+    return v
+
+
+@njit
+def act_row(y, lo, hi, bias, slope, kind, a, b):
+    """y[lo:hi] = act(y[lo:hi] + bias). One loop per kind so each vectorizes."""
+    af, bf = np.float32(a), np.float32(b)
+    if kind == 0:
+        for i in range(lo, hi):
+            y[i] += bias
+    elif kind == 1:
+        for i in range(lo, hi):
+            v = y[i] + bias
+            y[i] = v if v > 0 else np.float32(0)
+    elif kind == 2 or kind == 7:
+        s = slope if kind == 2 else af
+        for i in range(lo, hi):
+            v = y[i] + bias
+            y[i] = v if v >= 0 else v * s
+    elif kind == 3:
+        for i in range(lo, hi):
+            y[i] = min(max(y[i] + bias, af), bf)
+    else:
+        for i in range(lo, hi):
+            y[i] = _act(y[i] + bias, slope, kind, af, bf)
+
+
+@njit
+def epilogue(y, c0, c1, t0, t1, bias, slope, kind, a, b):
+    """Per-channel bias + activation in place on y[c0:c1, t0:t1]; y is (C, HW)."""
+    for c in range(c0, c1):
+        act_row(y[c], t0, t1, bias[c], slope[c], kind, a, b)
+
+
+@njit
+def unary(x, y, kind, a, b):
+    """y = act(x) over flat arrays (y may be x)."""
+    af, bf = np.float32(a), np.float32(b)
+    if kind == 1:
+        for i in range(x.size):
+            v = x[i]
+            y[i] = v if v > 0 else np.float32(0)
+    else:
+        for i in range(x.size):
+            y[i] = _act(x[i], np.float32(0), kind, af, bf)
+
+
+# --- broadcasting and strided copies -------------------------------------------
+
+def coalesce(shape, *strides):
+    """Drop size-1 dims and merge dims that are contiguous in every operand,
+    then left-pad to MAX_RANK. Returns int64 arrays (shape, strides...) or None
+    if more than MAX_RANK dims remain."""
+    dims = [(n, [s[i] for s in strides]) for i, n in enumerate(shape) if n != 1]
+    merged = []
+    for n, st in dims:
+        if merged:
+            pn, pst = merged[-1]
+            if all(p == q * n for p, q in zip(pst, st)):
+                merged[-1] = (pn * n, st)
+                continue
+        merged.append((n, st))
+    if len(merged) > MAX_RANK:
+        return None
+    merged = [(1, [0] * len(strides))] * (MAX_RANK - len(merged)) + merged
+    out = [np.array([m[0] for m in merged], np.int64)]
+    for k in range(len(strides)):
+        out.append(np.array([m[1][k] for m in merged], np.int64))
+    return out
+
+
+def bcast_strides(in_shape, out_shape):
+    """Element strides of a C-contiguous array of in_shape broadcast to out_shape."""
+    in_shape = (1,) * (len(out_shape) - len(in_shape)) + tuple(in_shape)
+    strides, acc = [0] * len(out_shape), 1
+    for i in range(len(out_shape) - 1, -1, -1):
+        strides[i] = acc if in_shape[i] != 1 else 0
+        acc *= in_shape[i]
+    return strides
+
+
+def c_strides(shape):
+    strides, acc = [0] * len(shape), 1
+    for i in range(len(shape) - 1, -1, -1):
+        strides[i] = acc
+        acc *= shape[i]
+    return strides
+
+
+@njit
+def _binop(x, y, op):
+    if op == 0:
+        return x + y
+    if op == 1:
+        return x - y
+    if op == 2:
+        return x * y
+    if op == 3:
+        return x / y
+    return x if x >= 0 else x * y  # 4: PRelu
+
+
+@njit
+def binary6(a, sa, b, sb, y, shape, op):
+    """y = a (op) b over MAX_RANK-dim broadcast views of flat a, b (element
+    strides sa, sb; 0 = broadcast); y is flat C-contiguous. y may be a."""
+    n5, a5, b5 = shape[5], sa[5], sb[5]
+    o = 0
+    for i0 in range(shape[0]):
+        for i1 in range(shape[1]):
+            for i2 in range(shape[2]):
+                for i3 in range(shape[3]):
+                    for i4 in range(shape[4]):
+                        ia = i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3] + i4 * sa[4]
+                        ib = i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3] + i4 * sb[4]
+                        if a5 == 1 and b5 == 1:
+                            for i in range(n5):
+                                y[o + i] = _binop(a[ia + i], b[ib + i], op)
+                        elif a5 == 1 and b5 == 0:
+                            bv = b[ib]
+                            for i in range(n5):
+                                y[o + i] = _binop(a[ia + i], bv, op)
+                        elif a5 == 0 and b5 == 1:
+                            av = a[ia]
+                            for i in range(n5):
+                                y[o + i] = _binop(av, b[ib + i], op)
+                        else:
+                            for i in range(n5):
+                                y[o + i] = _binop(a[ia + i * a5], b[ib + i * b5], op)
+                        o += n5
+
+
+@njit
+def copy6(src, soff, ss, dst, doff, ds, shape):
+    """dst[doff + i.ds] = src[soff + i.ss] over a MAX_RANK-dim index space."""
+    n5, s5, d5 = shape[5], ss[5], ds[5]
+    for i0 in range(shape[0]):
+        for i1 in range(shape[1]):
+            for i2 in range(shape[2]):
+                for i3 in range(shape[3]):
+                    for i4 in range(shape[4]):
+                        i = soff + i0 * ss[0] + i1 * ss[1] + i2 * ss[2] + i3 * ss[3] + i4 * ss[4]
+                        o = doff + i0 * ds[0] + i1 * ds[1] + i2 * ds[2] + i3 * ds[3] + i4 * ds[4]
+                        if s5 == 1 and d5 == 1:
+                            for k in range(n5):
+                                dst[o + k] = src[i + k]
+                        else:
+                            for k in range(n5):
+                                dst[o + k * d5] = src[i + k * s5]

@@ -1,0 +1,215 @@
+"""Conv (2-D, NCHW) with an optional fused bias + activation epilogue.
+
+Extra attrs (set by the fusion pass): `activation` in ACT_CODES, with
+`activation_alpha`/`activation_beta` (HardSigmoid, LeakyRelu) and
+`activation_min`/`activation_max` (Clip); for PRelu the per-output-channel
+slope is input 3.
+
+Three paths: pointwise 1x1 (one BLAS matmul per image), depthwise (direct
+Numba loop), and the general one (im2col tiles in the workspace + matmul).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Kernel, register
+from ._common import (ACT_CODES, act_row, activation_params, attr_ints, attr_str, const_of, epilogue,
+                      fail, has_input, njit, numba_const, window_geometry)
+
+WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
+MIN_TILE = 64  # columns; BLAS gets inefficient below this
+
+
+def _geometry(node, in_shapes):
+    x, w = in_shapes[0], in_shapes[1] if len(in_shapes) > 1 else None
+    if x is None or w is None:
+        fail(node, "needs inputs X and W")
+    if len(x) != 4 or len(w) != 4:
+        fail(node, f"only 2-D convolution (NCHW) is supported; X {x}, W {w}")
+    n, cin, h, wd = x
+    cout, cg, kh, kw = w
+    group = int(node.attrs.get("group", 1))
+    if group < 1 or cin % group or cout % group:
+        fail(node, f"group {group} must divide input channels {cin} and output channels {cout}")
+    if cg != cin // group:
+        fail(node, f"weight {w} needs {cin // group} input channels per group (X {x}, "
+                   f"group {group})")
+    kernel = attr_ints(node, "kernel_shape", [kh, kw])
+    if kernel != [kh, kw]:
+        fail(node, f"kernel_shape {kernel} does not match weight {w}")
+    strides = attr_ints(node, "strides", [1, 1])
+    dil = attr_ints(node, "dilations", [1, 1])
+    begin, end, out = window_geometry(node, [h, wd], kernel, strides, dil)
+    if min(out) < 1:
+        fail(node, f"output would be empty: {out}")
+    return dict(n=n, cin=cin, h=h, w=wd, cout=cout, cg=cg, kh=kh, kw=kw, group=group,
+                strides=strides, dil=dil, begin=begin, end=end, oh=out[0], ow=out[1])
+
+
+def infer(node, in_shapes, consts):
+    g = _geometry(node, in_shapes)
+    if has_input(node, 2) and tuple(in_shapes[2]) != (g["cout"],):
+        fail(node, f"bias shape {in_shapes[2]} must be ({g['cout']},)")
+    return [(g["n"], g["cout"], g["oh"], g["ow"])]
+
+
+def _epilogue_params(node, in_shapes, consts, cout):
+    kind = attr_str(node, "activation", "")
+    if kind not in ACT_CODES or kind == "Tanh":
+        fail(node, f"unsupported fused activation '{kind}'")
+    a, b = activation_params(node, kind, node.attrs.get("activation_alpha"),
+                             node.attrs.get("activation_beta"),
+                             node.attrs.get("activation_min"), node.attrs.get("activation_max"))
+    bias = slope = None
+    if has_input(node, 2):
+        bias = const_of(node, 2, consts)
+        bias = numba_const(bias) if bias is not None else None
+    if kind == "PRelu":
+        if not has_input(node, 3) or int(np.prod(in_shapes[3])) not in (1, cout):
+            fail(node, f"fused PRelu needs a slope of {cout} values as input 3")
+        slope = const_of(node, 3, consts)
+        if slope is not None:
+            slope = numba_const(np.broadcast_to(np.asarray(slope).reshape(-1), (cout,)))
+    return ACT_CODES[kind], a, b, bias, slope
+
+
+def prepare(node, in_shapes, out_shapes, consts):
+    g = _geometry(node, in_shapes)
+    infer(node, in_shapes, consts)
+    n, cin, cout, group = g["n"], g["cin"], g["cout"], g["group"]
+    kh, kw, oh, ow = g["kh"], g["kw"], g["oh"], g["ow"]
+    (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
+    if tuple(out_shapes[0]) != (n, cout, oh, ow):
+        fail(node, f"output shape {out_shapes[0]} != {(n, cout, oh, ow)}")
+    kind, a, b, bias_c, slope_c = _epilogue_params(node, in_shapes, consts, cout)
+    zeros = np.zeros(cout, np.float32)
+    has_bias, has_epi = has_input(node, 2), has_input(node, 2) or kind != 0
+
+    w_c = const_of(node, 1, consts)
+    if w_c is not None:
+        w_c = np.ascontiguousarray(w_c, dtype=np.float32)
+
+    def side(ins):  # bias and slope: captured consts, run-time inputs, or zeros
+        bias = bias_c if bias_c is not None else (ins[2].reshape(-1) if has_bias else zeros)
+        if slope_c is not None or kind != ACT_CODES["PRelu"]:
+            return bias, (slope_c if slope_c is not None else zeros)
+        s = ins[3].reshape(-1)
+        return bias, (s if s.size == cout else np.full(cout, s[0], np.float32))
+
+    hw, ohw = g["h"] * g["w"], oh * ow
+    pointwise = (kh == kw == 1 and sh == sw == 1 and group == 1
+                 and g["begin"] == [0, 0] and g["end"] == [0, 0])
+    if pointwise:
+        w2 = w_c.reshape(cout, cin) if w_c is not None else None
+
+        def run(ins, outs, workspace):
+            x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
+            wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
+            bias, slope = side(ins)
+            for i in range(n):
+                np.matmul(wm, x3[i], out=y3[i])
+                if has_epi:
+                    epilogue(y3[i], 0, cout, 0, hw, bias, slope, kind, a, b)
+        return Kernel(run)
+
+    if group == cin and cg_is_one(g):
+        mult = cout // cin
+        wd = numba_const(w_c) if w_c is not None else None
+
+        def run(ins, outs, workspace):
+            bias, slope = side(ins)
+            _depthwise(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
+                       sh, sw, ph, pw, dh, dw, kind, a, b)
+        return Kernel(run)
+
+    # general: im2col over tiles of output columns, one matmul per group and tile
+    cg, mg, kk = g["cg"], cout // group, g["cg"] * kh * kw
+    tile = min(ohw, max(MIN_TILE, WORKSPACE_BUDGET // (4 * kk)))
+    wg = w_c.reshape(group, mg, kk) if w_c is not None else None
+
+    def run(ins, outs, workspace):
+        x, y3 = ins[0], outs[0].reshape(n, cout, ohw)
+        wm = wg if wg is not None else ins[1].reshape(group, mg, kk)
+        bias, slope = side(ins)
+        cols = workspace[:kk * tile * 4].view(np.float32)
+        for i in range(n):
+            for t0 in range(0, ohw, tile):
+                t = min(tile, ohw - t0)
+                col = cols[:kk * t].reshape(kk, t)
+                for gi in range(group):
+                    _im2col(x, i, gi * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, t0, col)
+                    np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
+                if has_epi:
+                    epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
+    return Kernel(run, workspace=kk * tile * 4)
+
+
+def cg_is_one(g):
+    return g["cg"] == 1 and g["cout"] % g["cin"] == 0
+
+
+@njit
+def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
+    """Depthwise conv, output channel m reads input channel m // mult. Each
+    output row accumulates kernel taps as contiguous axpys over the column
+    range where the tap is inside the image (no per-pixel bounds checks)."""
+    n_, c_, h, wd = x.shape
+    m_, oh_, ow_ = y.shape[1], y.shape[2], y.shape[3]
+    kh_, kw_ = w.shape[2], w.shape[3]
+    for n in range(n_):
+        for m in range(m_):
+            xc, yc, wm, bm = x[n, m // mult], y[n, m], w[m, 0], bias[m]
+            for oh in range(oh_):
+                row = yc[oh]
+                for o in range(ow_):
+                    row[o] = bm
+                for kh in range(kh_):
+                    ih = oh * sh - ph + kh * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    xr = xc[ih]
+                    for kw in range(kw_):
+                        wv, off = wm[kh, kw], kw * dw - pw
+                        lo = (-off + sw - 1) // sw if off < 0 else 0
+                        hi = min(ow_, (wd - 1 - off) // sw + 1)
+                        if sw == 1:
+                            for o in range(lo, hi):
+                                row[o] += wv * xr[o + off]
+                        else:
+                            for o in range(lo, hi):
+                                row[o] += wv * xr[o * sw + off]
+                if kind != 0:
+                    act_row(row, 0, ow_, np.float32(0), slope[m], kind, a, b)
+
+
+@njit
+def _im2col(x, n, c0, cg, kh_, kw_, sh, sw, ph, pw, dh, dw, ow_, t0, col):
+    """col[k, t] = padded x[n, c0 + ci, ih, iw] for output columns t0 .. t0+T,
+    k = (ci, kh, kw) in weight order."""
+    h, wd = x.shape[2], x.shape[3]
+    t_ = col.shape[1]
+    k = 0
+    for ci in range(cg):
+        xc = x[n, c0 + ci]
+        for kh in range(kh_):
+            for kw in range(kw_):
+                crow = col[k]
+                oh, o0, t = t0 // ow_, t0 % ow_, 0
+                while t < t_:  # one output-row segment at a time
+                    seg = min(ow_ - o0, t_ - t)
+                    ih = oh * sh - ph + kh * dh
+                    if ih < 0 or ih >= h:
+                        for j in range(seg):
+                            crow[t + j] = 0
+                    else:
+                        xr, off = xc[ih], kw * dw - pw
+                        for j in range(seg):
+                            iw = (o0 + j) * sw + off
+                            crow[t + j] = xr[iw] if 0 <= iw < wd else np.float32(0)
+                    t += seg
+                    oh += 1
+                    o0 = 0
+                k += 1
+
+
+register("Conv", infer, prepare)

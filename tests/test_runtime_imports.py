@@ -1,0 +1,34 @@
+"""The runtime needs only numpy, numba, pillow and the standard library."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import sys
+for banned in ("onnx", "onnxruntime", "torch", "h5py", "scipy", "sklearn", "exporters"):
+    sys.modules[banned] = None  # any import of these now raises ImportError
+import numpy as np
+import qnrt
+from models import quicknet
+from qnrt import format as qnb
+path = sys.argv[1]
+qnb.save(quicknet.build(width=0.125), path)
+sess = qnrt.Session(path)
+(p,) = sess.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+assert abs(float(p.sum()) - 1) < 1e-5
+import qnrt.cli, qnrt.image
+third_party = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names)
+print(sorted(third_party))
+"""
+
+
+def test_runtime_runs_without_export_dependencies(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "m.qnb")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = set(eval(out.stdout))
+    allowed = {"numpy", "numba", "llvmlite", "PIL", "qnrt", "models", "_distutils_hack",
+               "importlib_metadata", "zipp", "typing_extensions"}
+    assert loaded <= allowed, loaded - allowed

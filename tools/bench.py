@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Speed, cold start and memory of qnrt against ONNX Runtime, in one run.
+
+Both engines run the same QuickNet (batch norm folded into the convolutions)
+on the same inputs, interleaved, and the report gives medians and the ratio
+qnrt / ONNX Runtime: only ratios measured in the same run mean anything on a
+shared, noisy machine. It also says which BLAS kernel numpy used.
+
+    python tools/bench.py                       # all three shapes, 1 thread
+    python tools/bench.py --shapes 1x3x32x32 --repeat 200 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DEFAULT_SHAPES = ("1x3x32x32", "32x3x32x32", "1x3x224x224")
+
+COLD_QNRT = """
+import time, resource, sys
+t0 = time.perf_counter()
+import numpy as np, qnrt
+s = qnrt.Session(sys.argv[1])
+s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+t1 = time.perf_counter()
+print(t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+COLD_ORT = """
+import time, resource, sys
+t0 = time.perf_counter()
+import numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.intra_op_num_threads = 1
+s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+t1 = time.perf_counter()
+print(t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+RSS_RUN = """
+import resource, sys, numpy as np
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+engine, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if engine == "qnrt":
+    import qnrt as eng
+    base = rss(); s = eng.Session(path)
+else:
+    import onnxruntime as eng
+    o = eng.SessionOptions(); o.intra_op_num_threads = 1
+    base = rss(); s = eng.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+loaded = rss()
+s.run(None, {"input": np.zeros((1, 3, size, size), np.float32)})
+print(loaded - base, rss() - base)
+"""
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+        infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        desc = ", ".join(f"{i['internal_api']} {i.get('version')} kernel={i.get('architecture')} "
+                         f"threads={i['num_threads']}" for i in infos)
+    except ImportError:
+        desc = "threadpoolctl not installed; numpy BLAS unknown"
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    return desc + (f" (OPENBLAS_CORETYPE={core})" if core else "")
+
+
+def build_models(tmp: str, weights: str | None) -> tuple[str, str]:
+    from exporters.onnx_export import save_onnx
+    from models import quicknet
+    from qnrt import format as qnb
+    from qnrt.rewrite import optimize
+
+    if weights and weights.endswith(".qnb"):
+        graph = qnb.load(weights)
+        graph = optimize(graph)
+    else:
+        w = None
+        if weights:
+            with np.load(weights) as d:
+                w = {k: d[k] for k in d.files}
+        graph = optimize(quicknet.build(w, input_size=None))
+    qnb_path, onnx_path = os.path.join(tmp, "m.qnb"), os.path.join(tmp, "m.onnx")
+    qnb.save(graph, qnb_path)
+    graph = qnb.load(qnb_path)
+    graph.inputs[0].shape = ("N", 3, "H", "W")
+    save_onnx(graph, onnx_path)  # ORT gets the same folded weights, PReLU unfused as ONNX needs
+    return qnb_path, onnx_path
+
+
+def time_engines(qnb_path: str, onnx_path: str, shape, repeat: int, threads: int) -> dict:
+    import onnxruntime as ort
+
+    import qnrt
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    ours = qnrt.Session(qnb_path)
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    feed = {"input": x}
+    a, b = ours.run(None, feed)[0], ref.run(None, feed)[0]
+    err = float(np.abs(a - b).max())
+    for _ in range(3):  # warm both: JIT cache load, ORT's first-run allocations
+        ours.run(None, feed), ref.run(None, feed)
+    tq, to = [], []
+    for _ in range(repeat):  # interleaved, so both see the same machine noise
+        t = time.perf_counter(); ours.run(None, feed); tq.append(time.perf_counter() - t)
+        t = time.perf_counter(); ref.run(None, feed); to.append(time.perf_counter() - t)
+    mq, mo = statistics.median(tq), statistics.median(to)
+    return {"shape": list(shape), "qnrt_ms": 1e3 * mq, "ort_ms": 1e3 * mo,
+            "ratio": mq / mo, "max_abs_diff": err}
+
+
+def child(script: str, *args) -> list[float]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return [float(v) for v in out.split()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="NxCxHxW shapes")
+    p.add_argument("--repeat", type=int, default=0, help="timed runs per shape (default: by size)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for ONNX Runtime and numpy's BLAS (default 1)")
+    p.add_argument("--weights", help="a .qnb or neutral .npz to benchmark (default: initial weights)")
+    p.add_argument("--cold", type=int, default=5, help="fresh processes for cold start (0 skips)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        from threadpoolctl import threadpool_limits
+        limiter = threadpool_limits(args.threads, user_api="blas")
+    except ImportError:
+        limiter = None
+    report = {"blas": blas_info(), "threads": args.threads, "runs": []}
+    print(f"numpy BLAS: {report['blas']}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        qnb_path, onnx_path = build_models(tmp, args.weights)
+        for text in args.shapes:
+            shape = tuple(int(v) for v in text.lower().split("x"))
+            repeat = args.repeat or max(10, min(200, int(2e8 // np.prod(shape) // 1000)))
+            r = time_engines(qnb_path, onnx_path, shape, repeat, args.threads)
+            r["repeat"] = repeat
+            report["runs"].append(r)
+            print(f"{text:>13}: qnrt {r['qnrt_ms']:8.2f} ms   onnxruntime {r['ort_ms']:8.2f} ms   "
+                  f"qnrt/ort {r['ratio']:5.2f}   (median of {repeat}, max |diff| "
+                  f"{r['max_abs_diff']:.1e})", file=sys.stderr)
+        if args.cold:
+            cq = [child(COLD_QNRT, qnb_path) for _ in range(args.cold)]
+            co = [child(COLD_ORT, onnx_path) for _ in range(args.cold)]
+            cold = {"qnrt_s": statistics.median(c[0] for c in cq),
+                    "ort_s": statistics.median(c[0] for c in co),
+                    "qnrt_maxrss_mib": statistics.median(c[1] for c in cq) / 1024,
+                    "ort_maxrss_mib": statistics.median(c[1] for c in co) / 1024}
+            cold["ratio"] = cold["qnrt_s"] / cold["ort_s"]
+            report["cold_start"] = cold
+            print(f"cold start (import + load + first 1x3x32x32 answer, median of {args.cold} "
+                  f"processes): qnrt {cold['qnrt_s']:.3f} s / {cold['qnrt_maxrss_mib']:.0f} MiB "
+                  f"max RSS, onnxruntime {cold['ort_s']:.3f} s / {cold['ort_maxrss_mib']:.0f} MiB, "
+                  f"ratio {cold['ratio']:.2f}", file=sys.stderr)
+            growth = {}
+            for engine, path in (("qnrt", qnb_path), ("ort", onnx_path)):
+                load, run = child(RSS_RUN, engine, path, "224")
+                growth[engine] = {"load_mib": load / 1024, "load_and_224_run_mib": run / 1024}
+            report["rss_growth"] = growth
+            print(f"RSS growth: load qnrt {growth['qnrt']['load_mib']:.1f} MiB vs onnxruntime "
+                  f"{growth['ort']['load_mib']:.1f} MiB; load + one 224x224 run qnrt "
+                  f"{growth['qnrt']['load_and_224_run_mib']:.1f} MiB vs onnxruntime "
+                  f"{growth['ort']['load_and_224_run_mib']:.1f} MiB", file=sys.stderr)
+    if limiter is not None:
+        limiter.restore_original_limits()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,512 @@
+#!/usr/bin/env python3
+"""Train QuickNet (arXiv 1701.02291) in PyTorch and export it for qnrt.
+
+PyTorch is a dependency of this tool only; qnrt never imports it.
+
+The PyTorch model is built from models.quicknet.layer_plan (the one layer
+table), and `state_to_neutral` maps its state onto the neutral weight names of
+models.quicknet.weight_shapes, which `models.quicknet.build` turns into the IR
+graph that the .qnb and ONNX exporters write.
+
+    python tools/train.py --dataset digits --epochs 30 --out-npz models/quicknet_digits.npz
+    python tools/train.py --dataset cifar10 --data-dir cifar-10-batches-py --epochs 70 \\
+        --out-npz quicknet_cifar10.npz --out-qnb quicknet_cifar10.qnb
+    # export (or re-export) saved weights without training: evaluates, then writes
+    python tools/train.py --dataset digits --epochs 0 --init-npz models/quicknet_digits.npz \\
+        --out-qnb models/quicknet_digits.qnb --out-onnx quicknet_digits.onnx
+    # Deep Compression stage 1: magnitude pruning with masked fine-tuning
+    python tools/train.py --dataset digits --epochs 0 --init-npz models/quicknet_digits.npz \\
+        --prune 0.8 --prune-epochs 6 --out-npz quicknet_digits_pruned.npz
+
+Recipe: Adam (lr 1e-3, cosine decay per step), cross-entropy, dropout 0.5,
+batch 64, BN eps 1e-3 and momentum 0.01 (Keras' 0.99), seeded torch / numpy /
+random, 2 threads; the epoch with the best held-out accuracy is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+if _ROOT not in sys.path:  # models/ and qnrt/ when run from a source tree
+    sys.path.insert(1, _ROOT)
+
+from models.quicknet import BN_EPSILON, layer_plan, weight_shapes  # noqa: E402
+
+
+def _load_datasets():
+    # tools/ is not a package; load tools/datasets.py by path under a private
+    # name so it can never collide with a `datasets` distribution.
+    name = "qnrt_tools_datasets"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "datasets.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+datasets = _load_datasets()
+METADATA = datasets.METADATA
+digits_split = datasets.digits_split
+
+BN_MOMENTUM = 0.01  # Keras BatchNormalization(momentum=0.99) in torch's convention
+
+
+# ----------------------------------------------------------------------------- model
+def _bn(c):
+    return nn.BatchNorm2d(c, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+
+
+class _Stem(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = _bn(cout)
+        self.prelu = nn.PReLU(cout)
+
+    def forward(self, x):
+        return self.prelu(self.bn(self.conv(x)))
+
+
+class _Sep(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.dw = nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False)
+        self.dw_bn = _bn(cin)
+        self.dw_prelu = nn.PReLU(cin)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.pw_bn = _bn(cout)
+        self.pw_prelu = nn.PReLU(cout)
+
+    def forward(self, x):
+        x = self.dw_prelu(self.dw_bn(self.dw(x)))
+        return self.pw_prelu(self.pw_bn(self.pw(x)))
+
+
+class _Head(nn.Module):
+    def __init__(self, cin, classes, dropout):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.conv = nn.Conv2d(cin, classes, 1, bias=True)
+
+    def forward(self, x):
+        return self.conv(self.dropout(x)).mean(dim=(2, 3))  # global average pool -> logits
+
+
+class QuickNet(nn.Module):
+    """QuickNet as models.quicknet.layer_plan describes it; forward returns logits."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 10, in_channels: int = 3,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.width, self.num_classes, self.in_channels = float(width), num_classes, in_channels
+        layers = nn.ModuleDict()
+        for kind, name, cin, cout in layer_plan(width, num_classes, in_channels):
+            if kind == "conv":
+                layers[name] = _Stem(cin, cout)
+            elif kind == "sep":
+                layers[name] = _Sep(cin, cout)
+            elif kind == "pool":
+                layers[name] = nn.MaxPool2d(2, 2)
+            elif kind == "head":
+                layers[name] = _Head(cin, cout, dropout)
+            else:
+                raise ValueError(f"layer_plan has an unknown layer kind '{kind}'")
+        self.layers = layers
+
+    def forward(self, x):
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+
+_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def neutral_keys(model: QuickNet) -> dict[str, str]:
+    """neutral weight name -> key in model.state_dict()."""
+    keys = {}
+    for key in model.state_dict():
+        prefix, layer, sub, param = key.split(".")
+        if param == "num_batches_tracked":
+            continue
+        module = getattr(model.layers[layer], sub)
+        if isinstance(module, nn.BatchNorm2d):
+            param = _BN_NAMES[param]
+        elif isinstance(module, nn.PReLU):
+            param = "slope"
+        keys[f"{layer}.{sub}.{param}"] = key
+    expected = weight_shapes(model.width, model.num_classes, model.in_channels)
+    if set(keys) != set(expected):
+        raise RuntimeError("torch model and models.quicknet.weight_shapes disagree: "
+                           f"{sorted(set(keys) ^ set(expected))[:5]}")
+    return keys
+
+
+def state_to_neutral(model: QuickNet) -> dict[str, np.ndarray]:
+    """The model's weights under models.quicknet.weight_shapes' names and shapes
+    (BN: scale=weight, bias, mean=running_mean, var=running_var; PReLU slope (C,))."""
+    state = model.state_dict()
+    expected = weight_shapes(model.width, model.num_classes, model.in_channels)
+    keys = neutral_keys(model)
+    out = {}
+    for name in expected:  # weight_shapes' order
+        a = state[keys[name]].detach().cpu().numpy().astype(np.float32)
+        out[name] = np.ascontiguousarray(a.reshape(expected[name]))
+    return out
+
+
+def load_neutral(model: QuickNet, weights: dict[str, np.ndarray]) -> None:
+    """Copy neutral weights (e.g. from an .npz) into the model, checking names and shapes."""
+    expected = weight_shapes(model.width, model.num_classes, model.in_channels)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ValueError(f"weights do not fit QuickNet width {model.width:g} with "
+                         f"{model.num_classes} classes: missing {missing[:3]}, unexpected {extra[:3]}")
+    state = model.state_dict()
+    for name, key in neutral_keys(model).items():
+        a = np.asarray(weights[name])
+        if tuple(a.shape) != tuple(expected[name]):
+            raise ValueError(f"weight '{name}' has shape {tuple(a.shape)}, QuickNet width "
+                             f"{model.width:g} needs {tuple(expected[name])} (wrong --width?)")
+        with torch.no_grad():
+            state[key].copy_(torch.from_numpy(a.astype(np.float32)).reshape(state[key].shape))
+
+
+def save_npz(weights: dict[str, np.ndarray], path: str) -> None:
+    """Write neutral weights as .npz atomically (temp file in the same folder, then os.replace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp.npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ----------------------------------------------------------------------------- pruning
+def conv_weights(model: QuickNet) -> dict[str, torch.nn.Parameter]:
+    """Every convolution weight (stem, depthwise, pointwise, head), by parameter name."""
+    return {n: p for n, p in model.named_parameters()
+            if n.endswith(".weight") and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Conv2d)}
+
+
+def magnitude_masks(model: QuickNet, sparsity: float) -> dict[str, torch.Tensor]:
+    """Per layer: zero the round(sparsity * n) smallest-magnitude weights of each conv."""
+    masks = {}
+    for name, p in conv_weights(model).items():
+        flat = p.detach().abs().flatten()
+        k = min(flat.numel() - 1, int(round(sparsity * flat.numel())))
+        mask = torch.ones_like(flat)
+        if k > 0:
+            mask[torch.topk(flat, k, largest=False).indices] = 0.0
+        masks[name] = mask.view_as(p)
+    return masks
+
+
+def apply_masks(model: QuickNet, masks: dict[str, torch.Tensor] | None) -> None:
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+
+
+def conv_sparsity(model: QuickNet) -> float:
+    ws = list(conv_weights(model).values())
+    return float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
+
+
+# ----------------------------------------------------------------------------- training
+class Progress:
+    """A one-line progress bar on stderr, updated with \\r."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total, self.stream = label, total, stream or sys.stderr
+        self.t0 = time.time()
+
+    def update(self, done: int, loss: float, acc: float) -> None:
+        n = 24
+        fill = int(n * done / max(1, self.total))
+        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (n - fill)}] {done}/{self.total} "
+                          f"loss {loss:.4f} acc {100 * acc:5.1f}% {time.time() - self.t0:5.1f}s")
+        self.stream.flush()
+
+    def finish(self, text: str) -> None:
+        self.stream.write("\r" + text.ljust(100) + "\n")
+        self.stream.flush()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: QuickNet, x: np.ndarray, y: np.ndarray, batch: int = 250) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch):
+        xb = torch.from_numpy(x[i:i + batch])
+        yb = torch.from_numpy(y[i:i + batch])
+        logits = model(xb)
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return correct / max(1, len(x)), loss / max(1, len(x))
+
+
+def run_epochs(model, phase, epochs, data, args, rng, lr, masks_for_epoch=None, on_epoch=None):
+    """Train `epochs` epochs with Adam and a per-step cosine decay from `lr`.
+
+    masks_for_epoch(e) -> masks (or None): applied after every optimizer step.
+    on_epoch(e, acc, loss, masks) is called with the held-out result of each epoch.
+    """
+    train_images, train_labels, test_x, test_y = data
+    n = len(train_images)
+    steps_per_epoch = max(1, math.ceil(n / args.batch_size))
+    total = steps_per_epoch * epochs
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        masks = masks_for_epoch(epoch) if masks_for_epoch else None
+        apply_masks(model, masks)
+        model.train()
+        order = rng.permutation(n)
+        bar = Progress(f"{phase} {epoch}/{epochs}", steps_per_epoch)
+        seen = correct = 0
+        loss_sum = 0.0
+        t0 = time.time()
+        for b in range(steps_per_epoch):
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            if len(idx) == 0:
+                continue
+            images = [datasets.augment(args.dataset, train_images[i], rng) for i in idx]
+            xb = torch.from_numpy(datasets.to_array(images))
+            yb = torch.as_tensor([train_labels[i] for i in idx], dtype=torch.long)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            apply_masks(model, masks)
+            step += 1
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            bar.update(b + 1, loss_sum / seen, correct / seen)
+        acc, heldout_loss = evaluate(model, test_x, test_y)
+        extra = f" sparsity {100 * conv_sparsity(model):.1f}%" if masks else ""
+        bar.finish(f"{phase} {epoch}/{epochs}: loss {loss_sum / max(1, seen):.4f} "
+                   f"train acc {100 * correct / max(1, seen):.2f}% | held-out acc {100 * acc:.2f}% "
+                   f"loss {heldout_loss:.4f}{extra} | {time.time() - t0:.1f}s")
+        if on_epoch:
+            on_epoch(epoch, acc, heldout_loss, masks)
+
+
+def heldout_description(dataset: str, n: int) -> str:
+    if dataset == "digits":
+        return (f"sklearn load_digits, stratified {int(100 * datasets.DIGITS_TEST_FRACTION)} % "
+                f"held out, random_state {datasets.DIGITS_SPLIT_SEED} ({n} images)")
+    return f"CIFAR-10 test_batch ({n} images)"
+
+
+def export(neutral: dict[str, np.ndarray], *, width: float, labels: list[str], dataset: str,
+           accuracy: float, heldout: str, out_qnb: str | None = None, out_onnx: str | None = None,
+           extra_metadata: dict | None = None):
+    """Build the IR graph from neutral weights, attach metadata, write .qnb / .onnx.
+
+    The writers are imported here, lazily, so training works without them."""
+    from models.quicknet import build
+
+    graph = build(neutral, width=width, num_classes=len(labels), labels=list(labels))
+    graph.metadata.update(copy.deepcopy(METADATA))
+    graph.metadata.update({
+        "model.dataset": dataset,
+        "model.trained": True,
+        "model.accuracy": float(accuracy),  # fraction of the held-out images, 0..1
+        "model.heldout": heldout,
+    })
+    graph.metadata.update(extra_metadata or {})
+    written = []
+    if out_qnb:
+        from qnrt.format import save
+        _atomic(lambda p: save(graph, p), out_qnb)
+        written.append(out_qnb)
+    if out_onnx:
+        from exporters.onnx_export import save_onnx
+        _atomic(lambda p: save_onnx(graph, p), out_onnx)
+        written.append(out_onnx)
+    return graph, written
+
+
+def _atomic(write, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--data-dir", help="CIFAR-10 python-batch directory (cifar-10-batches-py)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (0: evaluate/export only)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed per step")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N training images (tests)")
+    p.add_argument("--init-npz", help="start from these neutral weights (.npz)")
+    p.add_argument("--prune", type=float, metavar="SPARSITY",
+                   help="magnitude-prune every conv to this fraction of zeros (0..1), gradually, "
+                        "with masked fine-tuning after training")
+    p.add_argument("--prune-epochs", type=int, default=6,
+                   help="fine-tune epochs for --prune: the first 2/3 ramp the sparsity up")
+    p.add_argument("--prune-lr", type=float, help="learning rate for pruning fine-tune (default lr/10)")
+    p.add_argument("--out-npz", help="write the best neutral weights here (.npz)")
+    p.add_argument("--out-qnb", help="write the trained model as .qnb (qnrt.format)")
+    p.add_argument("--out-onnx", help="write the trained model as ONNX (exporters.onnx_export)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = p.parse_args(argv)
+    if args.prune is not None and not 0.0 <= args.prune < 1.0:
+        p.error("--prune takes a sparsity in [0, 1)")
+    if args.width <= 0:
+        p.error("--width must be positive")
+    if args.epochs < 0 or args.batch_size < 1:
+        p.error("--epochs must be >= 0 and --batch-size >= 1")
+    if args.prune is not None and args.prune_epochs < 1:
+        p.error("--prune-epochs must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t_start = time.time()
+
+    train_images, train_labels, test_images, test_labels, labels = datasets.load(args.dataset, args.data_dir)
+    if args.limit is not None:
+        train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
+    test_x = datasets.to_array(test_images)
+    test_y = np.asarray(test_labels, dtype=np.int64)
+    data = (train_images, train_labels, test_x, test_y)
+    print(f"{args.dataset}: {len(train_images)} training images, {len(test_y)} held out, "
+          f"{len(labels)} classes; width {args.width:g}", file=sys.stderr)
+
+    model = QuickNet(args.width, num_classes=len(labels))
+    if args.init_npz:
+        load_neutral(model, load_npz(args.init_npz))
+        print(f"initial weights from {args.init_npz}", file=sys.stderr)
+    n_params = sum(int(np.prod(s)) for s in weight_shapes(args.width, len(labels)).values())
+    print(f"{n_params:,} parameters (BN statistics included)", file=sys.stderr)
+
+    best = {"acc": -1.0, "loss": math.inf, "state": None, "epoch": None}
+
+    def consider(tag, acc, loss):
+        if acc > best["acc"] or (acc == best["acc"] and loss < best["loss"]):
+            best.update(acc=acc, loss=loss, state=copy.deepcopy(model.state_dict()), epoch=tag)
+            if args.out_npz:
+                save_npz(state_to_neutral(model), args.out_npz)
+            return True
+        return False
+
+    if args.epochs > 0:
+        run_epochs(model, "epoch", args.epochs, data, args, rng, args.lr,
+                   on_epoch=lambda e, acc, loss, _m: consider(f"epoch {e}", acc, loss))
+    else:
+        acc, loss = evaluate(model, test_x, test_y)
+        print(f"held-out acc {100 * acc:.2f}% loss {loss:.4f}", file=sys.stderr)
+        consider("initial", acc, loss)
+
+    extra_meta = {}
+    if args.prune is not None:
+        model.load_state_dict(best["state"])
+        target, P = args.prune, args.prune_epochs
+        ramp = max(1, (2 * P) // 3)
+        best.update(acc=-1.0, loss=math.inf, state=None, epoch=None)  # keep only pruned models
+
+        def schedule(e):  # cubic ramp (Zhu & Gupta 2017), then hold at the target
+            s = target * (1.0 - (1.0 - min(1.0, e / ramp)) ** 3)
+            return magnitude_masks(model, s)
+
+        def on_prune_epoch(e, acc, loss, masks):
+            if e >= ramp:
+                consider(f"prune epoch {e}", acc, loss)
+
+        run_epochs(model, "prune", P, data, args, rng, args.prune_lr or args.lr / 10.0,
+                   masks_for_epoch=schedule, on_epoch=on_prune_epoch)
+
+    model.load_state_dict(best["state"])
+    neutral = state_to_neutral(model)
+    if args.out_npz:
+        save_npz(neutral, args.out_npz)
+    if args.prune is not None:
+        extra_meta["model.sparsity"] = conv_sparsity(model)
+    elapsed = time.time() - t_start
+    summary = (f"best held-out accuracy {100 * best['acc']:.2f}% ({best['epoch']}) "
+               f"on {len(test_y)} images; {elapsed:.0f}s")
+    if "model.sparsity" in extra_meta:
+        summary += f"; conv sparsity {100 * extra_meta['model.sparsity']:.1f}%"
+    print(summary)
+    if args.out_npz:
+        print(f"wrote {args.out_npz}")
+
+    if args.out_qnb or args.out_onnx:
+        try:
+            _, written = export(neutral, width=args.width, labels=labels, dataset=args.dataset,
+                                accuracy=best["acc"], heldout=heldout_description(args.dataset, len(test_y)),
+                                out_qnb=args.out_qnb, out_onnx=args.out_onnx, extra_metadata=extra_meta)
+        except ImportError as exc:
+            print(f"train.py: cannot export yet ({exc}); the weights are saved"
+                  + (f" in {args.out_npz}; re-export with --epochs 0 --init-npz {args.out_npz}"
+                     if args.out_npz else ""), file=sys.stderr)
+            return 1
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
