@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qnrt import __version__
-from qnrt.graph import Graph, GraphError, Node
+from qnrt.graph import Graph, GraphError, Node, ValueInfo
 
 MIN_OPSET = 11  # Clip takes min/max as inputs from 11 on; older forms are not emitted
 
@@ -29,7 +29,14 @@ def to_onnx(graph: Graph, opset: int = 17) -> onnx.ModelProto:
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} not supported (use {MIN_OPSET}.."
                          f"{onnx.defs.onnx_opset_version()})")
-    return _Exporter(graph, opset).model()
+    # Softmax lowering depends on ranks, which only ONNX shape inference knows:
+    # a draft (Softmax as-is; it keeps its input's shape) supplies them
+    draft = onnx.shape_inference.infer_shapes(_Exporter(graph, opset).model())
+    shapes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                            for d in v.type.tensor_type.shape.dim)
+              for v in list(draft.graph.value_info) + list(draft.graph.input)
+              + list(draft.graph.output) if v.type.tensor_type.HasField("shape")}
+    return _Exporter(graph, opset, shapes).model()
 
 
 def save_onnx(graph: Graph, path, opset: int = 17) -> None:
@@ -64,13 +71,13 @@ def _value_info(vi):
 
 
 class _Exporter:
-    def __init__(self, graph: Graph, opset: int):
+    def __init__(self, graph: Graph, opset: int, shapes: dict | None = None):
         # work on a topologically sorted copy: ONNX requires that order
         self.g = Graph(list(graph.nodes), graph.inputs, graph.outputs,
                        graph.initializers, graph.metadata, graph.name)
         self.g.toposort()
         self.g.validate()
-        self.opset = opset
+        self.opset, self.shapes = opset, shapes  # shapes: None in the draft
         self.inits = dict(graph.initializers)
         self.taken = set(self.inits) | {v.name for v in graph.inputs}
         self.taken |= {t for n in graph.nodes for t in n.inputs + n.outputs}
@@ -189,15 +196,38 @@ class _Exporter:
     def softmax(self, x, y, name, a):
         legacy = bool(a.get("legacy_axis_semantics", False))
         axis = int(a.get("axis", 1 if legacy else -1))
-        if legacy == (self.opset < 13) or axis == -1:  # -1: both meanings coincide
+        dims = (self.shapes or {}).get(x)
+        rank = None if dims is None else len(dims)
+        if rank:
+            axis %= rank
+        last = axis == -1 or axis == (rank or 0) - 1  # there both meanings coincide
+        if self.shapes is None or legacy == (self.opset < 13) or last:
             return self.emit("Softmax", [x], [y], name, {"axis": axis})
-        if legacy:  # opset >= 13: softmax the rows of the 2-D flattening, restore shape
+        if legacy and rank and sum(d is None for d in dims[axis:]) <= 1:
+            # opset >= 13: softmax over the trailing dims merged into one, then split
+            # them again (Reshape's 0 keeps a leading dim, -1 the one unknown dim)
+            flat, sm = self.fresh(f"{y}/flat"), self.fresh(f"{y}/softmax")
+            keep = [0] * axis
+            self.emit("Reshape", [x, self.const(f"{flat}.shape", np.array(keep + [-1]))],
+                      [flat], f"{name}/flatten")
+            self.emit("Softmax", [flat], [sm], name, {"axis": -1})
+            tail = [-1 if d is None else d for d in dims[axis:]]
+            return self.emit("Reshape", [sm, self.const(f"{y}.shape", np.array(keep + tail))],
+                             [y], f"{name}/reshape")
+        if legacy:  # rank or several trailing dims unknown: restore the shape at run time
             flat, sm, shape = (self.fresh(f"{y}/{s}") for s in ("flat", "softmax", "shape"))
             self.emit("Flatten", [x], [flat], f"{name}/flatten", {"axis": axis})
             self.emit("Softmax", [flat], [sm], name, {"axis": -1})
             self.emit("Shape", [x], [shape], f"{name}/shape")
             return self.emit("Reshape", [sm, shape], [y], f"{name}/reshape")
-        # opset < 13 Softmax would flatten: spell out exp(x - max) / sum along `axis`
+        if rank is not None:  # opset < 13 would flatten: move `axis` last and back
+            perm = [i for i in range(rank) if i != axis] + [axis]
+            t, sm = self.fresh(f"{y}/in"), self.fresh(f"{y}/softmax")
+            self.emit("Transpose", [x], [t], f"{name}/in", {"perm": perm})
+            self.emit("Softmax", [t], [sm], name, {"axis": -1})
+            return self.emit("Transpose", [sm], [y], f"{name}/out",
+                             {"perm": np.argsort(perm).tolist()})
+        # rank unknown: spell out exp(x - max) / sum along `axis`
         m, d, e, s = (self.fresh(f"{y}/{k}") for k in ("max", "sub", "exp", "sum"))
         self.emit("ReduceMax", [x], [m], f"{name}/max", {"axes": [axis], "keepdims": 1})
         self.emit("Sub", [x, m], [d], f"{name}/sub")
@@ -211,9 +241,15 @@ class _Exporter:
         used = {i for n in self.nodes for i in n.input} | {v.name for v in self.g.outputs}
         inits = [numpy_helper.from_array(np.asarray(v), k)
                  for k, v in self.inits.items() if k in used]
+        outputs = [_value_info(v) for v in self.g.outputs]
+        for v, proto in zip(self.g.outputs, outputs):
+            if v.shape is None and self.shapes is not None:  # ONNX requires a shape
+                if v.name not in self.shapes:
+                    raise GraphError(f"graph output '{v.name}' has no shape and ONNX shape "
+                                     "inference cannot find its rank")
+                proto.CopyFrom(_value_info(ValueInfo(v.name, self.shapes[v.name], v.dtype)))
         graph = helper.make_graph(self.nodes, self.g.name or "graph",
-                                  [_value_info(v) for v in self.g.inputs],
-                                  [_value_info(v) for v in self.g.outputs], inits)
+                                  [_value_info(v) for v in self.g.inputs], outputs, inits)
         opsets = [helper.make_opsetid("", self.opset)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qnrt",
                                   producer_version=__version__,

@@ -1,1 +1,387 @@
-from_onnx = None
+"""ONNX model -> qnrt Graph.
+
+One pass over the (topologically ordered) ONNX nodes:
+  * initializers, Constant nodes and graph inputs that are also initializers
+    become constants;
+  * attributes are normalised to the IR form (opset >= 13 ONNX): schema defaults
+    filled in, Conv/pool strides/dilations/pads/kernel_shape made explicit,
+    auto_pad turned into pads when shapes are known, Clip min/max (< 11) and
+    Squeeze/Unsqueeze axes (< 13) moved to constant inputs, old Softmax marked
+    `legacy_axis_semantics`;
+  * Identity, Dropout and Casts to the same type are removed by rewiring;
+  * nodes whose inputs are all constant are evaluated in NumPy (Shape too, when
+    shape inference gives its input a static shape).
+Whatever remains must be a runtime op, else one GraphError names every offender.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qnrt.graph import Graph, GraphError, Node, ValueInfo
+
+RUNTIME_OPS = (
+    "Conv", "BatchNormalization", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid",
+    "HardSigmoid", "HardSwish", "Tanh", "Add", "Sub", "Mul", "Div", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul", "Flatten",
+    "Reshape", "Transpose", "Concat", "Softmax", "Squeeze", "Unsqueeze",
+)
+MIN_OPSET = 7
+_POOLS = ("Conv", "MaxPool", "AveragePool")
+
+
+def supported_ops() -> set[str]:
+    try:
+        from qnrt.ops import supported_ops as runtime_ops
+        return set(runtime_ops())
+    except Exception:  # kernels not importable (yet): fall back to the documented set
+        return set(RUNTIME_OPS)
+
+
+def from_onnx(model_or_path, input_shapes: dict | None = None) -> Graph:
+    model = _load(model_or_path)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < MIN_OPSET:
+        raise GraphError(f"ONNX opset {opset} is not supported (need >= {MIN_OPSET})")
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    inputs = [_input(v, (input_shapes or {}).get(v.name)) for v in g.input
+              if v.name not in consts]
+    unknown = set(input_shapes or {}) - {v.name for v in inputs}
+    if unknown:
+        raise GraphError(f"input_shapes names {sorted(unknown)}, which are not graph inputs "
+                         f"(inputs: {[v.name for v in inputs]})")
+    types = _infer(model, inputs)
+    for v in inputs:
+        types[v.name] = (np.dtype(v.dtype), v.shape)
+
+    alias: dict[str, str] = {}  # removed node's output -> the tensor it copied
+    kept: list[Node] = []
+    names: set[str] = set()
+    graph_outputs = {v.name for v in g.output}
+    for index, proto in enumerate(g.node):
+        name = proto.name or f"{proto.op_type}_{index}"
+        while name in names:
+            name += "_"
+        names.add(name)
+        attrs = {a.name: _attr_value(a) for a in proto.attribute}
+        op = proto.op_type if proto.domain in ("", "ai.onnx") else f"{proto.domain}.{proto.op_type}"
+        node = Node(op, [alias.get(i, i) for i in proto.input], list(proto.output), attrs, name)
+        if op == "Constant":
+            consts[node.outputs[0]] = _constant(node)
+            continue
+        _normalize(node, opset, consts, types)
+        x = node.inputs[0] if node.inputs else ""
+        if op in ("Identity", "Dropout") or (op == "Cast" and _dtype(x, consts, types)
+                                              == helper.tensor_dtype_to_np_dtype(attrs["to"])):
+            # Dropout's mask output is never read at inference; if it is, keep the node
+            if not any(o in graph_outputs or _read_later(o, g.node, index)
+                       for o in node.outputs[1:]):
+                alias[node.outputs[0]] = x
+                continue
+        if op == "Shape":
+            shape = consts[x].shape if x in consts else types.get(x, (None, None))[1]
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                dims = list(shape)[attrs.get("start", 0):attrs.get("end", len(shape))]
+                consts[node.outputs[0]] = np.array(dims, np.int64)
+                continue
+        elif op in _FOLD and node.inputs and all(i in consts for i in node.inputs if i):
+            try:
+                values = _FOLD[op]([consts[i] if i else None for i in node.inputs], attrs)
+            except Exception as exc:
+                raise GraphError(f"{node.where()}: cannot fold constant inputs: {exc}") from exc
+            consts.update((o, np.array(v, order="C")) for o, v in zip(node.outputs, values))
+            continue
+        kept.append(node)
+
+    outputs, renamed = [], {}
+    for v in g.output:
+        src = alias.get(v.name, v.name)
+        src = renamed.get(src, src)
+        if src in consts:
+            consts[v.name] = consts[src]
+        elif src != v.name:
+            if src in graph_outputs or src in {i.name for i in inputs}:
+                # two names for one tensor: keep the copy (the check below reports it)
+                kept.append(Node("Identity", [src], [v.name], {}, f"Identity_{v.name}"))
+            else:  # give the producer the output's name
+                renamed[src] = v.name
+                for n in kept:
+                    n.inputs = [v.name if i == src else i for i in n.inputs]
+                    n.outputs = [v.name if o == src else o for o in n.outputs]
+        dtype, shape = _merge(v, types.get(v.name))
+        outputs.append(ValueInfo(v.name, shape, dtype))
+
+    ok = supported_ops()
+    bad = [n for n in kept if n.op not in ok]
+    if bad:
+        hint = ""
+        if any(n.op == "Shape" for n in bad):
+            hint = " (Shape of a tensor with dynamic dims: pass input_shapes to fold it)"
+        raise GraphError(f"{len(bad)} unsupported node(s): "
+                         + ", ".join(f"'{n.name}' ({n.op})" for n in bad) + hint)
+    used = {i for n in kept for i in n.inputs} | {v.name for v in outputs}
+    graph = Graph(kept, inputs, outputs, {k: v for k, v in consts.items() if k in used},
+                  {p.key: _json_or_str(p.value) for p in model.metadata_props},
+                  g.name or "graph")
+    graph.validate()
+    if any(not isinstance(d, int) for v in outputs for d in (v.shape or ("?",))):
+        _refine_outputs(graph)
+    return graph
+
+
+def _refine_outputs(graph: Graph) -> None:
+    """Infer output shapes again on the folded graph: with Shape chains gone (and
+    input_shapes applied) ONNX inference can often pin dims it could not before."""
+    from .onnx_export import to_onnx
+
+    try:
+        model = to_onnx(graph)
+    except Exception:  # best effort: the shapes found so far stay valid
+        return
+    types = _infer(model, graph.inputs)
+    refined = []
+    for v in model.graph.output:
+        dtype, shape = _merge(v, types.get(v.name))
+        refined.append(ValueInfo(v.name, shape, dtype))
+    graph.outputs = refined
+
+
+# ---- loading, types and shapes -------------------------------------------------
+
+def _load(model_or_path) -> onnx.ModelProto:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    if isinstance(model_or_path, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model_or_path))
+    return onnx.load(os.fspath(model_or_path))
+
+
+def _dims(type_proto):
+    t = type_proto.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else
+                 d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim)
+
+
+def _np_dtype(elem_type):
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        return None
+
+
+def _input(v: onnx.ValueInfoProto, fixed) -> ValueInfo:
+    dims = _dims(v.type) or ()
+    # unnamed dynamic dims get a stable symbol so they can still be matched up
+    dims = tuple(f"{v.name}.{i}" if d is None or d == 0 else d for i, d in enumerate(dims))
+    if fixed is not None:
+        if len(fixed) != len(dims):
+            raise GraphError(f"input_shapes['{v.name}'] = {tuple(fixed)} has rank {len(fixed)}, "
+                             f"the model's input has shape {dims}")
+        for d, f in zip(dims, fixed):
+            if isinstance(d, int) and f is not None and not isinstance(f, str) and int(f) != d:
+                raise GraphError(f"input_shapes['{v.name}'] = {tuple(fixed)} contradicts the "
+                                 f"model's static shape {dims}")
+        dims = tuple(d if f is None else f if isinstance(f, str) else int(f)
+                     for d, f in zip(dims, fixed))
+    dtype = _np_dtype(v.type.tensor_type.elem_type) or np.dtype(np.float32)
+    return ValueInfo(v.name, dims, dtype.name)
+
+
+def _infer(model: onnx.ModelProto, inputs: list[ValueInfo]) -> dict:
+    """name -> (dtype, dims) from ONNX shape inference run with our input shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    by_name = {v.name: v for v in inputs}
+    for v in m.graph.input:
+        if v.name in by_name:
+            shape = v.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in by_name[v.name].shape:
+                dim = shape.dim.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # e.g. custom-domain ops: fold what we can without shapes
+        pass
+    return {v.name: (_np_dtype(v.type.tensor_type.elem_type), _dims(v.type))
+            for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+
+
+def _dtype(name, consts, types):
+    return consts[name].dtype if name in consts else types.get(name, (None, None))[0]
+
+
+def _merge(v: onnx.ValueInfoProto, inferred):
+    """Output ValueInfo: a static dim from either source, else a symbol."""
+    declared, got = _dims(v.type), inferred[1] if inferred else None
+    dtype = _np_dtype(v.type.tensor_type.elem_type) or (inferred and inferred[0]) or np.float32
+    if declared is None and got is None:
+        return np.dtype(dtype).name, None
+    first = declared if declared is not None else got
+    second = got if got is not None and len(got) == len(first) else first
+    shape = []
+    for i, pair in enumerate(zip(first, second)):
+        static = [d for d in pair if isinstance(d, int) and d > 0]
+        symbol = [d for d in pair if isinstance(d, str)]
+        shape.append(static[0] if static else symbol[0] if symbol else f"{v.name}.{i}")
+    return np.dtype(dtype).name, tuple(shape)
+
+
+def _read_later(name, protos, index):
+    return any(name in p.input for p in protos[index + 1:])
+
+
+def _json_or_str(text):
+    try:
+        return json.loads(text)
+    except ValueError:  # metadata from other producers is plain text
+        return text
+
+
+# ---- attributes -------------------------------------------------------------
+
+def _attr_value(a: onnx.AttributeProto):
+    value = helper.get_attribute_value(a)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated"):
+        return [v.decode() if isinstance(v, bytes) else v for v in value]
+    return value
+
+
+def _constant(node: Node) -> np.ndarray:
+    a = node.attrs
+    if "value" in a:
+        return np.asarray(a["value"])
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            return np.asarray(a[key], dtype)
+    raise GraphError(f"{node.where()}: Constant with {sorted(a)} is not supported")
+
+
+def _normalize(node: Node, opset: int, consts: dict, types: dict) -> None:
+    """Rewrite `node` in place into the IR's (opset >= 13 ONNX) form."""
+    op, a = node.op, node.attrs
+    try:
+        schema = onnx.defs.get_schema(op, opset)
+        for key, spec in schema.attributes.items():
+            if key not in a and key != "auto_pad" and spec.default_value.type:
+                a[key] = _attr_value(spec.default_value)
+    except onnx.defs.SchemaError:
+        return  # not an ONNX op; reported as unsupported later
+
+    def const_input(index, base, value):
+        name = f"{node.name}.{base}"
+        consts[name] = value
+        node.inputs += [""] * (index + 1 - len(node.inputs))
+        node.inputs[index] = name
+
+    if op == "Clip" and opset < 11:
+        lo, hi = a.pop("min", None), a.pop("max", None)
+        if lo is not None:
+            const_input(1, "min", np.float32(lo))
+        if hi is not None:
+            const_input(2, "max", np.float32(hi))
+    elif op in ("Squeeze", "Unsqueeze") and opset < 13 and "axes" in a:
+        const_input(1, "axes", np.asarray(a.pop("axes"), np.int64))
+    elif op == "Softmax" and opset < 13:
+        a["legacy_axis_semantics"] = True
+    elif op in _POOLS:
+        _explicit_window(node, consts, types)
+
+
+def _explicit_window(node: Node, consts: dict, types: dict) -> None:
+    """Conv/MaxPool/AveragePool: kernel_shape, strides, dilations, pads made explicit."""
+    a = node.attrs
+    if "kernel_shape" not in a:  # Conv only: taken from the weight
+        w = consts[node.inputs[1]].shape if node.inputs[1] in consts else \
+            types.get(node.inputs[1], (None, None))[1]
+        if w is None or not all(isinstance(d, int) for d in w[2:]):
+            return
+        a["kernel_shape"] = list(w[2:])
+    k = list(a["kernel_shape"])
+    a.setdefault("strides", [1] * len(k))
+    if node.op != "AveragePool":
+        a.setdefault("dilations", [1] * len(k))
+    auto = a.get("auto_pad", "NOTSET")
+    if auto == "VALID":
+        a["pads"] = [0] * 2 * len(k)
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        shape = types.get(node.inputs[0], (None, None))[1]
+        spatial = shape[2:] if shape is not None else ()
+        if len(spatial) != len(k) or not all(isinstance(d, int) and d > 0 for d in spatial):
+            return  # unknown size: keep auto_pad, the kernels resolve it at run time
+        begin, end = [], []
+        for size, kk, s, d in zip(spatial, k, a["strides"], a.get("dilations", [1] * len(k))):
+            total = max(0, (-(-size // s) - 1) * s + (kk - 1) * d + 1 - size)
+            small = total // 2  # the odd pixel goes at the end for UPPER, start for LOWER
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        a["pads"] = begin + end
+    else:
+        a.setdefault("pads", [0] * 2 * len(k))
+    a.pop("auto_pad", None)
+
+
+# ---- constant folding ---------------------------------------------------------
+
+def _int_div(x, y):
+    if np.issubdtype(np.result_type(x, y), np.integer):  # ONNX truncates toward zero
+        return (np.abs(x) // np.abs(y) * np.sign(x) * np.sign(y)).astype(np.result_type(x, y))
+    return x / y
+
+
+def _reshape(ins, a):
+    x, shape = ins[0], [int(s) for s in ins[1]]
+    if not a.get("allowzero", 0):  # 0 copies the input's dim
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return [x.reshape(shape)]
+
+
+def _slice(ins, a):
+    x, starts, ends = ins[:3]
+    axes = ins[3] if len(ins) > 3 and ins[3] is not None else range(len(starts))
+    steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for s, e, ax, st in zip(starts, ends, axes, steps):  # Python slices clamp like ONNX
+        index[int(ax)] = slice(int(s), int(e), int(st))
+    return [x[tuple(index)]]
+
+
+def _constant_of_shape(ins, a):
+    value = np.asarray(a.get("value", np.zeros(1, np.float32)))
+    return [np.full(tuple(int(d) for d in ins[0]), value.reshape(-1)[0], value.dtype)]
+
+
+_FOLD = {
+    "Gather": lambda i, a: [np.take(i[0], i[1], axis=a.get("axis", 0))],
+    "Slice": _slice,
+    "Concat": lambda i, a: [np.concatenate([x for x in i if x is not None], axis=a["axis"])],
+    "Unsqueeze": lambda i, a: [np.expand_dims(i[0], tuple(int(x) for x in i[1]))],
+    "Squeeze": lambda i, a: [np.squeeze(i[0], None if len(i) < 2 or i[1] is None
+                                        else tuple(int(x) for x in i[1]))],
+    "Cast": lambda i, a: [i[0].astype(helper.tensor_dtype_to_np_dtype(a["to"]))],
+    "Reshape": _reshape,
+    "Range": lambda i, a: [np.arange(i[0], i[1], i[2]).astype(i[0].dtype)],
+    "Expand": lambda i, a: [np.broadcast_to(i[0], np.broadcast_shapes(
+        i[0].shape, tuple(int(d) for d in i[1]))).copy()],
+    "ConstantOfShape": _constant_of_shape,
+    "Add": lambda i, a: [np.add(i[0], i[1])],
+    "Sub": lambda i, a: [np.subtract(i[0], i[1])],
+    "Mul": lambda i, a: [np.multiply(i[0], i[1])],
+    "Div": lambda i, a: [_int_div(i[0], i[1])],
+    "Transpose": lambda i, a: [np.transpose(i[0], a.get("perm"))],
+}

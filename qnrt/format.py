@@ -225,9 +225,11 @@ def _fixed(head, size: int) -> dict:
                           f"version {VERSION})")
     if flags:
         raise FormatError(f"unknown flags 0x{flags:08x} (version {VERSION} defines none)")
-    if not _FIXED.size <= hsize <= size:
-        raise FormatError(f"header_size {hsize} is outside [{_FIXED.size}, {size}] "
-                          f"(file is {size} bytes)")
+    if hsize < _FIXED.size:
+        raise FormatError(f"header_size {hsize} is smaller than the {_FIXED.size} fixed bytes")
+    if hsize > size:
+        raise FormatError(f"truncated file: the {hsize}-byte header extends beyond the end "
+                          f"of the file ({size} bytes)")
     secs = {name: (rest[2 * i], rest[2 * i + 1]) for i, name in enumerate(SECTIONS)}
     for name, (off, n) in secs.items():
         if off + n > size:
@@ -315,7 +317,10 @@ def _parse_blocks(buf, h: dict) -> tuple:
         if off + nbytes > data_n:
             r.fail(f"{where} [{off}, {off + nbytes}) is out of range of the "
                    f"{data_n}-byte data section")
-        expect = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=object))
+        itemsize = np.dtype(dtype).itemsize
+        if itemsize * int(np.prod([max(d, 1) for d in shape], dtype=object)) > 2**62:
+            r.fail(f"{where} has an impossibly large shape {tuple(shape)}")
+        expect = itemsize * int(np.prod(shape, dtype=object))
         if enc == RAW and nbytes != expect:
             r.fail(f"{where} has length {nbytes}, but {dtype} {tuple(shape)} needs {expect}")
         table[tname] = {"name": tname, "dtype": dtype, "encoding": enc,
@@ -370,9 +375,9 @@ def _decode(buf, verify: bool) -> Graph:
 
 # ------------------------------------------------------------------ public API
 
-def loads(buffer) -> Graph:
+def loads(buffer, verify: bool = True) -> Graph:
     """Decode a whole .qnb file held in memory; initializers are views into `buffer`."""
-    return _decode(buffer, verify=True)
+    return _decode(buffer, verify)
 
 
 def load(path, verify: bool = True) -> Graph:

@@ -28,7 +28,7 @@ class Plan:
     buffers: list[Buffer]
     arena_bytes: int
     naive_bytes: int  # every buffer its own allocation
-    lower_bound: int  # the largest set of buffers live at one step
+    lower_bound: int  # bytes of the largest set of buffers live at one step
     live_per_step: list[list[str]] = field(default_factory=list)
 
     def offsets(self) -> dict[str, int]:
@@ -57,7 +57,7 @@ def plan(buffers: list[Buffer], steps: int) -> Plan:
         placed.append(buf)
     arena = max((aligned(b.offset + b.size) for b in buffers), default=0)
     live = [[b.name for b in buffers if b.first <= s <= b.last] for s in range(-1, steps)]
-    sizes = {b.name: aligned(b.size) for b in buffers}
+    sizes = {b.name: b.size for b in buffers}
     bound = max((sum(sizes[n] for n in names) for names in live), default=0)
     naive = sum(aligned(b.size) for b in buffers)
     return Plan(buffers, arena, naive, bound, live)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -25,7 +24,6 @@ def ort_run(nodes, inputs, initializers=None, outputs=("y",), opset=OPSET, threa
         [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    onnx.checker.check_model(model)
     return session(model, threads).run(list(outputs), dict(inputs))
 
 

@@ -57,7 +57,7 @@ def test_width_multiplier_and_input_size(tmp_path):
 def test_batchnorm_folded_and_prelu_fused_at_load(quicknet_qnb):
     ops = [n.op for n in Session(quicknet_qnb).graph.nodes]
     assert "BatchNormalization" not in ops and "PRelu" not in ops and "Dropout" not in ops
-    assert ops.count("Conv") == 1 + 2 * 13 + 1
+    assert ops.count("Conv") == 1 + 2 * 12 + 1  # stem, 12 separable blocks, head
 
 
 def test_run_allocates_no_activation_memory(quicknet_qnb):

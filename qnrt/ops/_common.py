@@ -153,27 +153,30 @@ def _act(v, s, kind, a, b):
     return v
 
 
+# Hot loops index slices with range(0, n): a signed index that may be negative
+# makes Numba emit a wraparound check per access, which blocks vectorization.
+
 @njit
-def act_row(y, lo, hi, bias, slope, kind, a, b):
-    """y[lo:hi] = act(y[lo:hi] + bias). One loop per kind so each vectorizes."""
+def act_row(y, bias, slope, kind, a, b):
+    """y[:] = act(y + bias) for a 1-D slice y. One loop per kind so each vectorizes."""
     af, bf = np.float32(a), np.float32(b)
     if kind == 0:
-        for i in range(lo, hi):
+        for i in range(y.size):
             y[i] += bias
     elif kind == 1:
-        for i in range(lo, hi):
+        for i in range(y.size):
             v = y[i] + bias
             y[i] = v if v > 0 else np.float32(0)
     elif kind == 2 or kind == 7:
         s = slope if kind == 2 else af
-        for i in range(lo, hi):
+        for i in range(y.size):
             v = y[i] + bias
             y[i] = v if v >= 0 else v * s
     elif kind == 3:
-        for i in range(lo, hi):
+        for i in range(y.size):
             y[i] = min(max(y[i] + bias, af), bf)
     else:
-        for i in range(lo, hi):
+        for i in range(y.size):
             y[i] = _act(y[i] + bias, slope, kind, af, bf)
 
 
@@ -181,7 +184,7 @@ def act_row(y, lo, hi, bias, slope, kind, a, b):
 def epilogue(y, c0, c1, t0, t1, bias, slope, kind, a, b):
     """Per-channel bias + activation in place on y[c0:c1, t0:t1]; y is (C, HW)."""
     for c in range(c0, c1):
-        act_row(y[c], t0, t1, bias[c], slope[c], kind, a, b)
+        act_row(y[c, t0:t1], bias[c], slope[c], kind, a, b)
 
 
 @njit
@@ -192,6 +195,9 @@ def unary(x, y, kind, a, b):
         for i in range(x.size):
             v = x[i]
             y[i] = v if v > 0 else np.float32(0)
+    elif kind == 3:
+        for i in range(x.size):
+            y[i] = min(max(x[i], af), bf)
     else:
         for i in range(x.size):
             y[i] = _act(x[i], np.float32(0), kind, af, bf)
@@ -253,10 +259,30 @@ def _binop(x, y, op):
 
 
 @njit
+def _binrow(a, a5, b, b5, y, op):
+    """One innermost row of binary6 (a, b: slices starting at the row)."""
+    n = y.size
+    if a5 == 1 and b5 == 1:
+        for i in range(n):
+            y[i] = _binop(a[i], b[i], op)
+    elif a5 == 1 and b5 == 0:
+        bv = b[0]
+        for i in range(n):
+            y[i] = _binop(a[i], bv, op)
+    elif a5 == 0 and b5 == 1:
+        av = a[0]
+        for i in range(n):
+            y[i] = _binop(av, b[i], op)
+    else:
+        for i in range(n):
+            y[i] = _binop(a[i * a5], b[i * b5], op)
+
+
+@njit
 def binary6(a, sa, b, sb, y, shape, op):
     """y = a (op) b over MAX_RANK-dim broadcast views of flat a, b (element
     strides sa, sb; 0 = broadcast); y is flat C-contiguous. y may be a."""
-    n5, a5, b5 = shape[5], sa[5], sb[5]
+    n5 = shape[5]
     o = 0
     for i0 in range(shape[0]):
         for i1 in range(shape[1]):
@@ -265,20 +291,7 @@ def binary6(a, sa, b, sb, y, shape, op):
                     for i4 in range(shape[4]):
                         ia = i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3] + i4 * sa[4]
                         ib = i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3] + i4 * sb[4]
-                        if a5 == 1 and b5 == 1:
-                            for i in range(n5):
-                                y[o + i] = _binop(a[ia + i], b[ib + i], op)
-                        elif a5 == 1 and b5 == 0:
-                            bv = b[ib]
-                            for i in range(n5):
-                                y[o + i] = _binop(a[ia + i], bv, op)
-                        elif a5 == 0 and b5 == 1:
-                            av = a[ia]
-                            for i in range(n5):
-                                y[o + i] = _binop(av, b[ib + i], op)
-                        else:
-                            for i in range(n5):
-                                y[o + i] = _binop(a[ia + i * a5], b[ib + i * b5], op)
+                        _binrow(a[ia:], sa[5], b[ib:], sb[5], y[o:o + n5], op)
                         o += n5
 
 
@@ -293,9 +306,10 @@ def copy6(src, soff, ss, dst, doff, ds, shape):
                     for i4 in range(shape[4]):
                         i = soff + i0 * ss[0] + i1 * ss[1] + i2 * ss[2] + i3 * ss[3] + i4 * ss[4]
                         o = doff + i0 * ds[0] + i1 * ds[1] + i2 * ds[2] + i3 * ds[3] + i4 * ds[4]
+                        s, d = src[i:], dst[o:]
                         if s5 == 1 and d5 == 1:
                             for k in range(n5):
-                                dst[o + k] = src[i + k]
+                                d[k] = s[k]
                         else:
                             for k in range(n5):
-                                dst[o + k * d5] = src[i + k * s5]
+                                d[k * d5] = s[k * s5]

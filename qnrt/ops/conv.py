@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import Kernel, register
-from ._common import (ACT_CODES, act_row, activation_params, attr_ints, attr_str, const_of, epilogue,
-                      fail, has_input, njit, numba_const, window_geometry)
+from ._common import (ACT_CODES, act_row, activation_params, attr_ints, attr_str,
+                      const_of, epilogue, fail, has_input, njit, numba_const, window_geometry)
 
 WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
 MIN_TILE = 64  # columns; BLAS gets inefficient below this
@@ -116,6 +116,13 @@ def prepare(node, in_shapes, out_shapes, consts):
         mult = cout // cin
         wd = numba_const(w_c) if w_c is not None else None
 
+        if (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1) and g["begin"] == g["end"] == [1, 1]:
+            def run(ins, outs, workspace):
+                bias, slope = side(ins)
+                _dw3x3(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
+                       kind, a, b)
+            return Kernel(run)
+
         def run(ins, outs, workspace):
             bias, slope = side(ins)
             _depthwise(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
@@ -149,10 +156,19 @@ def cg_is_one(g):
 
 
 @njit
+def _valid(start, step, n, size):
+    """[lo, hi): the j in [0, n) with 0 <= start + j * step < size."""
+    lo = 0 if start >= 0 else (step - 1 - start) // step
+    last = size - 1 - start
+    hi = min(n, last // step + 1) if last >= 0 else 0
+    return min(lo, hi), hi
+
+
+@njit
 def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
     """Depthwise conv, output channel m reads input channel m // mult. Each
-    output row accumulates kernel taps as contiguous axpys over the column
-    range where the tap is inside the image (no per-pixel bounds checks)."""
+    output row accumulates kernel taps as axpys over the column range where
+    the tap is inside the image (no per-pixel bounds checks)."""
     n_, c_, h, wd = x.shape
     m_, oh_, ow_ = y.shape[1], y.shape[2], y.shape[3]
     kh_, kw_ = w.shape[2], w.shape[3]
@@ -161,8 +177,7 @@ def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
             xc, yc, wm, bm = x[n, m // mult], y[n, m], w[m, 0], bias[m]
             for oh in range(oh_):
                 row = yc[oh]
-                for o in range(ow_):
-                    row[o] = bm
+                row[:] = bm
                 for kh in range(kh_):
                     ih = oh * sh - ph + kh * dh
                     if ih < 0 or ih >= h:
@@ -170,16 +185,50 @@ def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
                     xr = xc[ih]
                     for kw in range(kw_):
                         wv, off = wm[kh, kw], kw * dw - pw
-                        lo = (-off + sw - 1) // sw if off < 0 else 0
-                        hi = min(ow_, (wd - 1 - off) // sw + 1)
+                        lo, hi = _valid(off, sw, ow_, wd)
+                        dst, src = row[lo:hi], xr[lo * sw + off:]
                         if sw == 1:
-                            for o in range(lo, hi):
-                                row[o] += wv * xr[o + off]
+                            for j in range(hi - lo):
+                                dst[j] += wv * src[j]
                         else:
-                            for o in range(lo, hi):
-                                row[o] += wv * xr[o * sw + off]
+                            for j in range(hi - lo):
+                                dst[j] += wv * src[j * sw]
                 if kind != 0:
-                    act_row(row, 0, ow_, np.float32(0), slope[m], kind, a, b)
+                    act_row(row, np.float32(0), slope[m], kind, a, b)
+
+
+@njit
+def _dw3x3(x, w, bias, slope, y, mult, kind, a, b):
+    """Depthwise 3x3, stride 1, pad 1 (QuickNet's): every output pixel in one
+    pass over three input rows; a zero row stands in above/below the image."""
+    n_, c_, h, wd = x.shape
+    zero = np.zeros(wd, np.float32)
+    for n in range(n_):
+        for m in range(y.shape[1]):
+            xc, yc, k, bm = x[n, m // mult], y[n, m], w[m, 0], bias[m]
+            w00, w01, w02, w10, w11, w12 = k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2]
+            w20, w21, w22 = k[2, 0], k[2, 1], k[2, 2]
+            for oh in range(h):
+                r0 = xc[oh - 1] if oh > 0 else zero
+                r1 = xc[oh]
+                r2 = xc[oh + 1] if oh + 1 < h else zero
+                out = yc[oh]
+                if wd == 1:
+                    out[0] = bm + (w01 * r0[0] + w11 * r1[0] + w21 * r2[0])
+                else:
+                    e = wd - 1
+                    out[0] = bm + (w01 * r0[0] + w02 * r0[1] + w11 * r1[0] + w12 * r1[1]
+                                   + w21 * r2[0] + w22 * r2[1])
+                    out[e] = bm + (w00 * r0[e - 1] + w01 * r0[e] + w10 * r1[e - 1] + w11 * r1[e]
+                                   + w20 * r2[e - 1] + w21 * r2[e])
+                    o, a0, a1, a2 = out[1:], r0[1:], r1[1:], r2[1:]
+                    b0, b1, b2 = r0[2:], r1[2:], r2[2:]
+                    for j in range(wd - 2):
+                        o[j] = bm + (w00 * r0[j] + w01 * a0[j] + w02 * b0[j]
+                                     + w10 * r1[j] + w11 * a1[j] + w12 * b1[j]
+                                     + w20 * r2[j] + w21 * a2[j] + w22 * b2[j])
+                if kind != 0:
+                    act_row(out, np.float32(0), slope[m], kind, a, b)
 
 
 @njit
@@ -193,19 +242,25 @@ def _im2col(x, n, c0, cg, kh_, kw_, sh, sw, ph, pw, dh, dw, ow_, t0, col):
         xc = x[n, c0 + ci]
         for kh in range(kh_):
             for kw in range(kw_):
-                crow = col[k]
+                crow, off = col[k], kw * dw - pw
                 oh, o0, t = t0 // ow_, t0 % ow_, 0
                 while t < t_:  # one output-row segment at a time
                     seg = min(ow_ - o0, t_ - t)
+                    dst = crow[t:t + seg]
                     ih = oh * sh - ph + kh * dh
                     if ih < 0 or ih >= h:
-                        for j in range(seg):
-                            crow[t + j] = 0
+                        dst[:] = 0
                     else:
-                        xr, off = xc[ih], kw * dw - pw
-                        for j in range(seg):
-                            iw = (o0 + j) * sw + off
-                            crow[t + j] = xr[iw] if 0 <= iw < wd else np.float32(0)
+                        lo, hi = _valid(o0 * sw + off, sw, seg, wd)
+                        dst[:lo] = 0
+                        dst[hi:] = 0
+                        d, src = dst[lo:hi], xc[ih, (o0 + lo) * sw + off:]
+                        if sw == 1:
+                            for j in range(hi - lo):
+                                d[j] = src[j]
+                        else:
+                            for j in range(hi - lo):
+                                d[j] = src[j * sw]
                     t += seg
                     oh += 1
                     o0 = 0

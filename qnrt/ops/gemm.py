@@ -1,0 +1,55 @@
+"""Gemm: Y = alpha * A' @ B' + beta * C (A' = A or A.T, B' = B or B.T)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Kernel, register
+from ._common import broadcast_shapes, const_of, fail, has_input
+
+
+def infer(node, in_shapes, consts):
+    if len(in_shapes) < 2 or in_shapes[0] is None or in_shapes[1] is None:
+        fail(node, "needs inputs A and B")
+    a, b = in_shapes[0], in_shapes[1]
+    if len(a) != 2 or len(b) != 2:
+        fail(node, f"A {a} and B {b} must be 2-D")
+    m, k = a[::-1] if node.attrs.get("transA", 0) else a
+    k2, n = b[::-1] if node.attrs.get("transB", 0) else b
+    if k != k2:
+        fail(node, f"inner dims differ: A {a}, B {b} (transA/transB applied)")
+    if has_input(node, 2) and broadcast_shapes(node, in_shapes[2], (m, n)) != (m, n):
+        fail(node, f"C {in_shapes[2]} does not broadcast to {(m, n)}")
+    return [(m, n)]
+
+
+def prepare(node, in_shapes, out_shapes, consts):
+    infer(node, in_shapes, consts)
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    ta, tb = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
+    ca, cb = (const_of(node, i, consts) for i in (0, 1))
+    use_c = has_input(node, 2) and beta != 0.0
+    cc = const_of(node, 2, consts) if use_c else None
+    if cc is not None:  # fold beta into the (small) bias once
+        cc = (np.asarray(cc, np.float64) * beta).astype(np.float32)
+
+    def run(ins, outs, workspace):
+        a = ca if ca is not None else ins[0]
+        b = cb if cb is not None else ins[1]
+        y = outs[0]
+        np.matmul(a.T if ta else a, b.T if tb else b, out=y)
+        if cc is not None:
+            if alpha != 1.0:
+                np.multiply(y, np.float32(alpha), out=y)
+            np.add(y, cc, out=y)
+        elif use_c:  # run-time C: y = beta * (alpha / beta * AB + C), no temporaries
+            if alpha != beta:
+                np.multiply(y, np.float32(alpha / beta), out=y)
+            np.add(y, ins[2], out=y)
+            if beta != 1.0:
+                np.multiply(y, np.float32(beta), out=y)
+        elif alpha != 1.0:
+            np.multiply(y, np.float32(alpha), out=y)
+    return Kernel(run)
+
+
+register("Gemm", infer, prepare)

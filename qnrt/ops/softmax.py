@@ -1,0 +1,52 @@
+"""Softmax along one axis (opset 13+), or over the trailing dims flattened at
+`axis` when attrs["legacy_axis_semantics"] is set (opset < 13)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Kernel, register
+from ._common import fail, njit, norm_axis
+
+
+def infer(node, in_shapes, consts):
+    if not in_shapes or in_shapes[0] is None:
+        fail(node, "needs an input")
+    return [tuple(in_shapes[0])]
+
+
+def prepare(node, in_shapes, out_shapes, consts):
+    x = infer(node, in_shapes, consts)[0]
+    legacy = bool(node.attrs.get("legacy_axis_semantics", False))
+    axis = norm_axis(node, int(node.attrs.get("axis", 1 if legacy else -1)), len(x))
+    outer = int(np.prod(x[:axis]))
+    if legacy:  # softmax over everything from axis on, as one row
+        shape3 = (outer, int(np.prod(x[axis:])), 1)
+    else:
+        shape3 = (outer, int(x[axis]), int(np.prod(x[axis + 1:])))
+    if shape3[1] < 1:
+        fail(node, f"softmax over an empty axis of {x}")
+
+    def run(ins, outs, workspace):
+        _softmax(ins[0].reshape(shape3), outs[0].reshape(shape3))
+    return Kernel(run)
+
+
+@njit
+def _softmax(x, y):
+    """Softmax along axis 1 of (outer, A, inner); y may be x."""
+    for o in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            m = x[o, 0, i]
+            for a in range(1, x.shape[1]):
+                m = max(m, x[o, a, i])
+            s = np.float32(0)
+            for a in range(x.shape[1]):
+                e = np.exp(x[o, a, i] - m)
+                y[o, a, i] = e
+                s += e
+            inv = np.float32(1) / s
+            for a in range(x.shape[1]):
+                y[o, a, i] *= inv
+
+
+register("Softmax", infer, prepare, inplace=True)

@@ -1,0 +1,535 @@
+"""Every op against onnxruntime, tinygrad test_ops style: hypothesis draws
+shapes and attributes, our kernel runs through the op contract (infer ->
+allocate -> prepare -> run) and must match ORT's one-node model."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from ort_reference import one_node, ort_run
+from qnrt.graph import GraphError, Node
+from qnrt.ops import get_op, supported_ops
+
+FAST = settings(max_examples=30, deadline=None)
+SOME = settings(max_examples=15, deadline=None)
+
+
+# --- harness -----------------------------------------------------------------
+
+def readonly(a):
+    a = np.array(a)
+    a.flags.writeable = False  # like a memory-mapped initializer
+    return a
+
+
+def prepare(op, inputs, consts=None, attrs=None, names=None):
+    """infer + prepare one node; returns (kernel, ins, out shapes)."""
+    consts = {k: readonly(v) for k, v in (consts or {}).items()}
+    names = names if names is not None else [*inputs, *consts]
+    node = Node(op, list(names), ["y"], dict(attrs or {}), "under_test")
+    values = {**inputs, **consts}
+    shapes = [tuple(values[n].shape) if n else None for n in names]
+    opdef = get_op(op)
+    out_shapes = opdef.infer(node, shapes, consts)
+    kernel = opdef.prepare(node, shapes, out_shapes, consts)
+    return kernel, [values[n] if n else None for n in names], out_shapes
+
+
+def run_qnrt(op, inputs, consts=None, attrs=None, names=None):
+    kernel, ins, out_shapes = prepare(op, inputs, consts, attrs, names)
+    outs = [np.full(s, np.nan, np.float32) for s in out_shapes]
+    kernel.run(ins, outs, np.empty(kernel.workspace, np.uint8))
+    return outs
+
+
+def close(ours, ref):
+    ref = np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    if ref.size:
+        err = float(np.max(np.abs(ours.astype(np.float64) - ref)))
+        assert err <= 1e-4 * max(1.0, float(np.max(np.abs(ref)))), err
+
+
+def check(op, inputs, consts=None, attrs=None, names=None, ref_attrs=None, opset=17):
+    ours = run_qnrt(op, inputs, consts, attrs, names)[0]
+    ref = one_node(op, inputs, consts, ref_attrs if ref_attrs is not None else attrs, names,
+                   opset=opset)[0]
+    close(ours, ref)
+    return ours
+
+
+def rand(rng, shape, lo=-2.0, hi=2.0):
+    return rng.uniform(lo, hi, size=shape).astype(np.float32)
+
+
+seeds = st.integers(0, 2**31 - 1)
+dim = st.integers(1, 5)
+
+
+def out_size(n, k, s, d, pb, pe):
+    return (n + pb + pe - (d * (k - 1) + 1)) // s + 1
+
+
+# --- Conv --------------------------------------------------------------------
+
+@st.composite
+def conv_cases(draw):
+    path = draw(st.sampled_from(["pointwise", "depthwise3x3", "depthwise", "grouped", "dense"]))
+    n = draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    if path == "pointwise":
+        cin, cout, g, k, s, d, pads = draw(dim), draw(dim), 1, (1, 1), (1, 1), (1, 1), [0] * 4
+    elif path == "depthwise3x3":
+        cin = draw(dim)
+        cout, g, k, s, d, pads = cin, cin, (3, 3), (1, 1), (1, 1), [1] * 4
+    else:
+        g = 1 if path == "dense" else draw(st.integers(2, 3))
+        cin = g * (1 if path == "depthwise" else draw(st.integers(1, 3)))
+        cout = g * draw(st.integers(1, 2))
+        k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+        s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        pads = [draw(st.integers(0, 2)) for _ in range(4)]
+    attrs = {"group": g, "strides": list(s), "dilations": list(d), "kernel_shape": list(k)}
+    auto = draw(st.sampled_from(["NOTSET"] * 4 + ["VALID", "SAME_UPPER", "SAME_LOWER"]))
+    if path.startswith(("pointwise", "depthwise3x3")) or auto == "NOTSET":
+        attrs["pads"] = pads
+        assume(all(out_size(*a) >= 1 for a in [(h, k[0], s[0], d[0], pads[0], pads[2]),
+                                              (w, k[1], s[1], d[1], pads[1], pads[3])]))
+    else:
+        attrs["auto_pad"] = auto
+        if auto != "VALID":  # ORT refuses dilations with SAME_*
+            attrs["dilations"] = [1, 1]
+        else:
+            assume(h >= d[0] * (k[0] - 1) + 1 and w >= d[1] * (k[1] - 1) + 1)
+    rng = np.random.default_rng(draw(seeds))
+    x = rand(rng, (n, cin, h, w))
+    wt = rand(rng, (cout, cin // g) + k)
+    bias = rand(rng, (cout,)) if draw(st.booleans()) else None
+    return x, wt, bias, attrs
+
+
+@FAST
+@given(conv_cases())
+def test_conv(case):
+    x, wt, bias, attrs = case
+    consts = {"w": wt} if bias is None else {"w": wt, "b": bias}
+    check("Conv", {"x": x}, consts, attrs)
+
+
+ACTIVATIONS = [("Relu", {}), ("PRelu", {}), ("Clip", {"min": -0.5, "max": 1.5}),
+               ("Sigmoid", {}), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("HardSwish", {}),
+               ("LeakyRelu", {"alpha": 0.07}), ("HardSigmoid", {}), ("LeakyRelu", {}), ("", {})]
+
+
+@FAST
+@given(conv_cases(), st.sampled_from(ACTIVATIONS), st.booleans())
+def test_conv_fused_activation(case, act, slope_is_scalar):
+    """Conv with `activation` attrs == ORT Conv followed by the activation node."""
+    x, wt, bias, attrs = case
+    kind, params = act
+    cout = wt.shape[0]
+    rng = np.random.default_rng(cout)
+    slope = rand(rng, (cout,), -0.5, 0.5)
+    if slope_is_scalar:
+        slope = np.full(cout, 0.2, np.float32)
+    fused = dict(attrs, activation=kind)
+    for ours, onnx_name in (("activation_alpha", "alpha"), ("activation_beta", "beta"),
+                            ("activation_min", "min"), ("activation_max", "max")):
+        if onnx_name in params:
+            fused[ours] = params[onnx_name]
+    consts = {"w": wt, "b": bias if bias is not None else np.zeros(0, np.float32)}
+    names = ["x", "w", "b" if bias is not None else ""]
+    if kind == "PRelu":
+        consts["slope"] = slope
+        names.append("slope")
+    if bias is None:
+        del consts["b"]
+    ours = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
+
+    inits = {"w": wt} if bias is None else {"w": wt, "b": bias}
+    nodes = [helper.make_node("Conv", ["x", *inits], ["c" if kind else "y"], **attrs)]
+    if kind == "PRelu":
+        inits["slope"] = slope.reshape(cout, 1, 1)
+        nodes.append(helper.make_node("PRelu", ["c", "slope"], ["y"]))
+    elif kind == "Clip":
+        inits.update(lo=np.float32(params["min"]), hi=np.float32(params["max"]))
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    elif kind:
+        nodes.append(helper.make_node(kind, ["c"], ["y"], **params))
+    close(ours, ort_run(nodes, {"x": x}, inits)[0])
+
+
+def test_conv_quicknet_shapes():
+    """The exact fast-path shapes QuickNet runs (bigger than the hypothesis ones)."""
+    rng = np.random.default_rng(0)
+    cases = [((1, 3, 32, 32), (32, 3, 3, 3), 1, 1), ((1, 32, 32, 32), (32, 1, 3, 3), 32, 1),
+             ((1, 32, 16, 16), (64, 32, 1, 1), 1, 0), ((2, 16, 33, 31), (16, 1, 3, 3), 16, 1),
+             ((1, 64, 20, 20), (64, 64, 3, 3), 1, 1), ((1, 8, 30, 30), (16, 1, 3, 3), 8, 1)]
+    for xs, ws, g, p in cases:
+        x, wt, b = rand(rng, xs), rand(rng, ws, -0.3, 0.3), rand(rng, (ws[0],))
+        check("Conv", {"x": x}, {"w": wt, "b": b}, {"group": g, "pads": [p] * 4})
+        check("Conv", {"x": x}, {"w": wt, "b": b}, {"group": g, "pads": [p] * 4, "strides": [2, 2]})
+
+
+def test_conv_no_big_allocations():
+    """run() allocates no activation-sized memory on any of the three paths."""
+    rng = np.random.default_rng(0)
+    for xs, ws, g, pads in [((1, 64, 64, 64), (64, 64, 1, 1), 1, 0),
+                            ((1, 64, 64, 64), (64, 1, 3, 3), 64, 1),
+                            ((1, 16, 64, 64), (32, 16, 3, 3), 1, 1),
+                            ((2, 16, 64, 64), (32, 4, 3, 3), 4, 1)]:
+        x, wt, b = rand(rng, xs), rand(rng, ws), rand(rng, (ws[0],))
+        kernel, ins, out_shapes = prepare("Conv", {"x": x}, {"w": wt, "b": b},
+                                          {"group": g, "pads": [pads] * 4, "activation": "Relu"})
+        assert kernel.workspace <= 512 * 1024
+        outs = [np.empty(out_shapes[0], np.float32)]
+        ws = np.empty(kernel.workspace, np.uint8)
+        kernel.run(ins, outs, ws)  # compile
+        tracemalloc.start()
+        kernel.run(ins, outs, ws)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 64 * 1024, (xs, ws, peak)
+
+
+# --- pools ---------------------------------------------------------------------
+
+@st.composite
+def pool_cases(draw):
+    op = draw(st.sampled_from(["MaxPool", "AveragePool"]))
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    k = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+    s = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+    d = [draw(st.integers(1, 2)), draw(st.integers(1, 2))] if op == "MaxPool" else [1, 1]
+    attrs = {"kernel_shape": k, "strides": s, "ceil_mode": draw(st.integers(0, 1))}
+    if op == "MaxPool":
+        attrs["dilations"] = d
+    else:
+        attrs["count_include_pad"] = draw(st.integers(0, 1))
+    auto = draw(st.sampled_from(["NOTSET"] * 4 + ["VALID", "SAME_UPPER", "SAME_LOWER"]))
+    if auto == "NOTSET":
+        pads = [draw(st.integers(0, k[i % 2] - 1)) for i in range(4)]
+        attrs["pads"] = pads
+        assume(out_size(h, k[0], s[0], d[0], pads[0], pads[2]) >= 1)
+        assume(out_size(w, k[1], s[1], d[1], pads[1], pads[3]) >= 1)
+    else:
+        attrs["auto_pad"] = auto
+        attrs["ceil_mode"] = 0
+        assume(h >= d[0] * (k[0] - 1) + 1 and w >= d[1] * (k[1] - 1) + 1)
+        if auto != "VALID":  # ORT refuses negative SAME pads (we clamp them to 0) and
+            # pads >= kernel (as we do)
+            need = [(-(-x // st_) - 1) * st_ + dd * (kk - 1) + 1 - x
+                    for x, st_, dd, kk in zip((h, w), s, d, k)]
+            assume(all(0 <= p < kk for p, kk in zip(need, k)))
+    x = rand(np.random.default_rng(draw(seeds)), (n, c, h, w))
+    return op, x, attrs
+
+
+@settings(max_examples=60, deadline=None)
+@given(pool_cases())
+def test_pool(case):
+    op, x, attrs = case
+    check(op, {"x": x}, attrs=attrs)
+
+
+@SOME
+@given(st.sampled_from(["GlobalAveragePool", "GlobalMaxPool"]),
+       st.lists(st.integers(1, 6), min_size=3, max_size=5), seeds)
+def test_global_pool(op, shape, seed):
+    check(op, {"x": rand(np.random.default_rng(seed), shape)})
+
+
+# --- elementwise -------------------------------------------------------------
+
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=4).map(tuple)
+
+
+@FAST
+@given(st.sampled_from([("Relu", {}), ("LeakyRelu", {}), ("LeakyRelu", {"alpha": 0.3}),
+                        ("Sigmoid", {}), ("HardSigmoid", {}),
+                        ("HardSigmoid", {"alpha": 0.4, "beta": 0.3}), ("HardSwish", {}),
+                        ("Tanh", {})]), shapes, seeds)
+def test_unary(act, shape, seed):
+    op, attrs = act
+    check(op, {"x": rand(np.random.default_rng(seed), shape, -8, 8)}, attrs=attrs)
+
+
+@FAST
+@given(shapes, st.booleans(), st.booleans(), seeds)
+def test_clip(shape, has_min, has_max, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, shape, -3, 3)
+    lo, hi = np.float32(rng.uniform(-2, 0)), np.float32(rng.uniform(0, 2))
+    consts = {k: v for k, v, use in (("lo", lo, has_min), ("hi", hi, has_max)) if use}
+    names = ["x", "lo" if has_min else "", "hi" if has_max else ""]
+    ours = check("Clip", {"x": x}, consts, names=names)
+    # opset 6 form: bounds as attributes
+    attrs = {k: float(v) for k, v, use in (("min", lo, has_min), ("max", hi, has_max)) if use}
+    close(run_qnrt("Clip", {"x": x}, attrs=attrs)[0], ours)
+
+
+@st.composite
+def broadcast_pair(draw, max_rank=6):
+    """(shape_a, shape_b) that broadcast multidirectionally."""
+    out = draw(st.lists(st.integers(1, 4), min_size=0, max_size=max_rank))
+
+    def operand():
+        rank = draw(st.integers(0, len(out)))
+        return tuple(1 if draw(st.booleans()) else d for d in out[len(out) - rank:])
+    return operand(), operand()
+
+
+@FAST
+@given(st.sampled_from(["Add", "Sub", "Mul", "Div"]), broadcast_pair(),
+       st.sampled_from(["none", "a", "b"]), seeds)
+def test_binary(op, pair, const, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rand(rng, pair[0]), rand(rng, pair[1])
+    if op == "Div":
+        b = np.where(np.abs(b) < 0.1, 0.5, b).astype(np.float32)
+    inputs = {"a": a, "b": b}
+    consts = {k: inputs.pop(k) for k in ([const] if const != "none" else [])}
+    check(op, inputs, consts, names=["a", "b"])
+
+
+@FAST
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=5), st.data())
+def test_prelu(xshape, data):
+    """Slope broadcast unidirectionally to X; slope const or run-time."""
+    rank = data.draw(st.integers(0, len(xshape)))
+    sshape = tuple(1 if data.draw(st.booleans()) else d for d in xshape[len(xshape) - rank:])
+    rng = np.random.default_rng(data.draw(seeds))
+    x, slope = rand(rng, xshape), rand(rng, sshape, -1, 1)
+    if data.draw(st.booleans()):
+        check("PRelu", {"x": x}, {"slope": slope})
+    else:
+        check("PRelu", {"x": x, "slope": slope})
+
+
+def test_inplace_elementwise():
+    """Ops marked inplace give the same result when the output is input 0."""
+    rng = np.random.default_rng(1)
+    x = rand(rng, (2, 3, 4, 5))
+    for op, consts in [("Relu", {}), ("Sigmoid", {}), ("Add", {"b": rand(rng, (3, 1, 1))}),
+                       ("PRelu", {"s": rand(rng, (3, 1, 1))}),
+                       ("BatchNormalization", {k: rand(rng, (3,), 0.5, 1.5) for k in "sbmv"})]:
+        assert get_op(op).inplace
+        want = run_qnrt(op, {"x": x.copy()}, consts)[0]
+        kernel, ins, _ = prepare(op, {"x": x.copy()}, consts)
+        kernel.run(ins, [ins[0]], None)
+        np.testing.assert_array_equal(ins[0], want)
+
+
+@SOME
+@given(st.lists(st.integers(1, 5), min_size=2, max_size=4), seeds)
+def test_batchnorm(shape, seed):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    consts = {"s": rand(rng, (c,)), "b": rand(rng, (c,)), "m": rand(rng, (c,)),
+              "v": rand(rng, (c,), 0.1, 2)}
+    check("BatchNormalization", {"x": rand(rng, shape)}, consts, {"epsilon": 1e-3})
+
+
+# --- linear algebra ------------------------------------------------------------
+
+@FAST
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6), st.booleans(), st.booleans(),
+       st.sampled_from([None, "N", "1N", "M1", "MN", "scalar"]), st.booleans(),
+       st.sampled_from([1.0, 0.5]), st.sampled_from([1.0, 2.0, 0.0]), seeds)
+def test_gemm(m, k, n, ta, tb, cshape, c_const, alpha, beta, seed):
+    rng = np.random.default_rng(seed)
+    a = rand(rng, (k, m) if ta else (m, k))
+    b = rand(rng, (n, k) if tb else (k, n))
+    inputs, consts = {"a": a}, {"b": b}
+    if cshape:
+        shape = {"N": (n,), "1N": (1, n), "M1": (m, 1), "MN": (m, n), "scalar": ()}[cshape]
+        (consts if c_const else inputs)["c"] = rand(rng, shape)
+    names = ["a", "b"] + (["c"] if cshape else [])
+    check("Gemm", inputs, consts, {"transA": int(ta), "transB": int(tb), "alpha": alpha,
+                                   "beta": beta}, names)
+
+
+@FAST
+@given(st.lists(st.integers(1, 3), max_size=3), st.lists(st.integers(1, 3), max_size=3),
+       st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.booleans(), st.booleans(),
+       st.booleans(), seeds)
+def test_matmul(batch_a, batch_b, m, k, n, vec_a, vec_b, b_const, seed):
+    rng = np.random.default_rng(seed)
+    # make the batch dims broadcast: align right, replace clashes by 1
+    la, lb = len(batch_a), len(batch_b)
+    batch_b = [1 if i >= lb - la and batch_a[i - (lb - la)] != d else d
+               for i, d in enumerate(batch_b)] if lb >= la else batch_b
+    batch_a = [1 if i >= la - lb and batch_b[i - (la - lb)] != d else d
+               for i, d in enumerate(batch_a)] if la > lb else batch_a
+    a = rand(rng, (k,) if vec_a else (*batch_a, m, k))
+    b = rand(rng, (k,) if vec_b else (*batch_b, k, n))
+    inputs = {"a": a, "b": b}
+    consts = {"b": inputs.pop("b")} if b_const else {}
+    check("MatMul", inputs, consts, names=["a", "b"])
+
+
+# --- softmax, layout ---------------------------------------------------------------
+
+@FAST
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.data())
+def test_softmax(shape, data):
+    x = rand(np.random.default_rng(data.draw(seeds)), shape, -5, 5)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    if data.draw(st.booleans()):
+        check("Softmax", {"x": x}, attrs={"axis": axis})
+    else:  # opset < 13: flatten to 2-D at axis
+        ours = run_qnrt("Softmax", {"x": x}, attrs={"axis": axis, "legacy_axis_semantics": True})
+        close(ours[0], one_node("Softmax", {"x": x}, attrs={"axis": axis}, opset=11)[0])
+
+
+def test_softmax_defaults():
+    x = rand(np.random.default_rng(0), (2, 3, 4))
+    check("Softmax", {"x": x})
+    ours = run_qnrt("Softmax", {"x": x}, attrs={"legacy_axis_semantics": True})[0]
+    close(ours, one_node("Softmax", {"x": x}, opset=11)[0])
+
+
+@FAST
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=6), st.data())
+def test_transpose(shape, data):
+    x = rand(np.random.default_rng(data.draw(seeds)), shape)
+    attrs = {}
+    if shape and data.draw(st.booleans()):
+        attrs["perm"] = data.draw(st.permutations(range(len(shape))))
+    if data.draw(st.booleans()):
+        check("Transpose", {"x": x}, attrs=attrs)
+    else:
+        check("Transpose", {}, {"x": x}, attrs=attrs)
+
+
+@FAST
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_concat(shape, data):
+    rng = np.random.default_rng(data.draw(seeds))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    k = data.draw(st.integers(1, 3))
+    xs = {}
+    for i in range(k):
+        s = list(shape)
+        s[axis] = data.draw(st.integers(1, 3))
+        xs[f"x{i}"] = rand(rng, s)
+    const = data.draw(st.sampled_from([None] + list(xs)))
+    consts = {const: xs.pop(const)} if const else {}
+    check("Concat", xs, consts, {"axis": axis}, names=[f"x{i}" for i in range(k)])
+
+
+def check_alias(op, x, consts=None, attrs=None, names=None, opset=17, ref_attrs=None):
+    """Alias ops: correct both when the planner aliased (out views in) and not."""
+    ours = check(op, {"x": x}, consts, attrs, names, opset=opset, ref_attrs=ref_attrs)
+    kernel, ins, out_shapes = prepare(op, {"x": x.copy()}, consts, attrs, names)
+    out = ins[0].reshape(out_shapes[0])
+    kernel.run(ins, [out], None)
+    np.testing.assert_array_equal(out, ours)
+
+
+@FAST
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_reshape(shape, data):
+    x = rand(np.random.default_rng(data.draw(seeds)), shape)
+    perm = data.draw(st.permutations(shape))  # same element count
+    target = [d if data.draw(st.booleans()) else 0 if i < len(shape) and shape[i] == d else d
+              for i, d in enumerate(perm)]
+    if data.draw(st.booleans()):
+        target[data.draw(st.integers(0, len(target) - 1))] = -1
+    check_alias("Reshape", x, {"shape": np.array(target, np.int64)}, names=["x", "shape"])
+
+
+def test_reshape_allowzero():
+    x = np.zeros((0, 3), np.float32)
+    ours = run_qnrt("Reshape", {"x": x}, {"shape": np.array([3, 0], np.int64)},
+                    {"allowzero": 1}, ["x", "shape"])[0]
+    assert ours.shape == (3, 0)
+
+
+@SOME
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_flatten(shape, data):
+    x = rand(np.random.default_rng(data.draw(seeds)), shape)
+    axis = data.draw(st.integers(-len(shape), len(shape)))
+    check_alias("Flatten", x, attrs={"axis": axis})
+
+
+@SOME
+@given(st.lists(st.sampled_from([1, 1, 2, 3]), min_size=1, max_size=5), st.data())
+def test_squeeze_unsqueeze(shape, data):
+    x = rand(np.random.default_rng(data.draw(seeds)), shape)
+    ones = [i for i, d in enumerate(shape) if d == 1]
+    axes = data.draw(st.lists(st.sampled_from(ones), unique=True)) if ones else []
+    axes = [a - len(shape) if data.draw(st.booleans()) else a for a in axes]
+    if axes:
+        check_alias("Squeeze", x, {"axes": np.array(axes, np.int64)}, names=["x", "axes"])
+        check_alias("Squeeze", x, attrs={"axes": axes}, opset=11)
+    else:
+        check_alias("Squeeze", x)
+    rank = len(shape) + data.draw(st.integers(1, 2))
+    ua = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=rank - len(shape),
+                            max_size=rank - len(shape), unique_by=lambda a: a % rank))
+    check_alias("Unsqueeze", x, {"axes": np.array(ua, np.int64)}, names=["x", "axes"])
+
+
+def test_identity_dropout():
+    x = rand(np.random.default_rng(0), (2, 3, 4))
+    check_alias("Identity", x)
+    check_alias("Dropout", x, attrs={"ratio": 0.5}, ref_attrs={}, opset=17)
+    assert get_op("Dropout").alias and get_op("Reshape").alias
+
+
+# --- refusals --------------------------------------------------------------------
+
+def raises(op, inputs, consts=None, attrs=None, names=None, match=None):
+    with pytest.raises(GraphError, match=match or "under_test"):
+        run_qnrt(op, inputs, consts, attrs, names)
+
+
+def test_bad_graphs_raise_named_errors():
+    x4, w = np.zeros((1, 4, 5, 5), np.float32), np.zeros((6, 2, 3, 3), np.float32)
+    raises("Conv", {"x": x4}, {"w": np.zeros((6, 4, 3, 3), np.float32)}, {"group": 3})
+    raises("Conv", {"x": x4}, {"w": np.zeros((5, 2, 3, 3), np.float32)}, {"group": 2})
+    raises("Conv", {"x": x4}, {"w": np.zeros((6, 3, 3, 3), np.float32)}, {"group": 2})
+    raises("Conv", {"x": x4}, {"w": w}, {"group": 2, "auto_pad": "SAME_MIDDLE"}, match="auto_pad")
+    raises("Conv", {"x": x4}, {"w": w}, {"group": 2, "kernel_shape": [2, 2]})
+    raises("Conv", {"x": x4}, {"w": w}, {"group": 2, "pads": [1, 1, -1, 0]})
+    raises("Conv", {"x": x4}, {"w": w}, {"group": 2, "strides": [0, 1]})
+    raises("Conv", {"x": x4}, {"w": w, "b": np.zeros(5, np.float32)}, {"group": 2})
+    raises("Conv", {"x": x4}, {"w": w}, {"group": 2, "activation": "Swish"})
+    raises("Conv", {"x": x4}, {"w": w}, {"group": 2, "activation": "PRelu"})
+    raises("Conv", {"x": np.zeros((1, 4, 5), np.float32)}, {"w": np.zeros((6, 4, 3), np.float32)})
+    raises("Conv", {"x": np.zeros((1, 4, 2, 2), np.float32)}, {"w": np.zeros((6, 4, 3, 3),
+                                                                             np.float32)})
+    raises("MaxPool", {"x": x4}, attrs={"kernel_shape": [2, 2], "pads": [2, 0, 0, 0]})
+    raises("MaxPool", {"x": x4}, attrs={})
+    raises("AveragePool", {"x": x4}, attrs={"kernel_shape": [2, 2], "auto_pad": "FOO"})
+    raises("Add", {"a": np.zeros((2, 3), np.float32), "b": np.zeros((4,), np.float32)})
+    raises("PRelu", {"a": np.zeros((2, 3), np.float32), "b": np.zeros((2, 1, 3), np.float32)})
+    raises("MatMul", {"a": np.zeros((2, 3), np.float32), "b": np.zeros((2, 3), np.float32)})
+    raises("Gemm", {"a": np.zeros((2, 3), np.float32), "b": np.zeros((2, 3), np.float32)})
+    raises("Concat", {"a": np.zeros((2, 3), np.float32), "b": np.zeros((3, 3), np.float32)},
+           attrs={"axis": 1})
+    raises("Softmax", {"x": np.zeros((2, 3), np.float32)}, attrs={"axis": 2})
+    raises("Transpose", {"x": np.zeros((2, 3), np.float32)}, attrs={"perm": [0, 0]})
+    raises("Reshape", {"x": np.zeros((2, 3), np.float32)}, {"s": np.array([4, -1], np.int64)})
+    raises("Reshape", {"x": np.zeros((2, 3), np.float32),
+                       "s": np.array([3, 2], np.int64)})  # run-time shape
+    raises("Squeeze", {"x": np.zeros((2, 3), np.float32)}, {"a": np.array([0], np.int64)})
+    raises("BatchNormalization", {"x": x4}, {k: np.ones(3, np.float32) for k in "sbmv"})
+
+
+def test_registry_covers_the_brief():
+    want = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu",
+            "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add",
+            "Mul", "Sub", "Div", "BatchNormalization", "Gemm", "MatMul", "Softmax",
+            "Transpose", "Concat", "Reshape", "Flatten", "Identity", "Dropout", "Squeeze",
+            "Unsqueeze"}
+    assert want <= set(supported_ops())
