@@ -30,7 +30,7 @@ def cmd_quicknet(args) -> int:
         with open(args.labels, encoding="utf-8") as f:
             labels = [line.strip() for line in f if line.strip()]
     graph = quicknet.build(weights, width=args.width, num_classes=args.classes,
-                           input_size=args.input_size, seed=args.seed, labels=labels)
+                           input_size=args.input_size or None, seed=args.seed, labels=labels)
     graph.metadata["model.trained"] = weights is not None
     graph.metadata["model.weights"] = args.weights or f"deterministic initial (seed {args.seed})"
     graph.metadata.update(parse_preprocess(args.preprocess))
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
                    "default: deterministic initial weights")
     q.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
     q.add_argument("--classes", type=int, default=10)
-    q.add_argument("--input-size", type=int, default=32, help="H = W of the input (default 32)")
+    q.add_argument("--input-size", type=int, default=0,
+                   help="fix H = W of the input (default: any size; the net is fully convolutional)")
     q.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     q.add_argument("--labels", help="text file, one class label per line")
     q.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE")

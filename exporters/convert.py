@@ -8,7 +8,8 @@ from collections import Counter
 import numpy as np
 
 from qnrt import format as qnb
-from qnrt.graph import Graph, GraphError, infer_shapes
+from qnrt.graph import Graph, GraphError
+from qnrt.ops import get_op
 from qnrt.rewrite import optimize
 
 PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
@@ -74,12 +75,18 @@ def finalize(graph: Graph, input_shape=None, labels=None, metadata=None, log=Non
     graph.toposort()
     after = Counter(n.op + ("+" + n.attrs["activation"] if n.attrs.get("activation") else "")
                     for n in graph.nodes)
-    concrete = {v.name: tuple(1 if isinstance(d, str) else d for d in v.shape)
-                for v in graph.inputs}
-    infer_shapes(graph, concrete)
     from qnrt.session import Session
 
-    Session(graph).prepare(concrete)  # every kernel validates its node before we write
+    session = Session(graph)
+    symbolic = any(isinstance(d, str) for v in graph.inputs for d in v.shape[1:])
+    if symbolic and "preprocess.size" not in graph.metadata:
+        if log:
+            log("input size is dynamic and no preprocess size given: kernels are checked "
+                "when a Session first sees a shape")
+        for node in graph.nodes:
+            get_op(node.op)
+    else:
+        session.prepare()  # every kernel validates its node before anything is written
     summary = {"nodes_before": sum(before.values()), "nodes_after": len(graph.nodes),
                "ops_before": dict(before), "ops_after": dict(after),
                "parameters": graph.parameter_count()}

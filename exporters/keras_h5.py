@@ -29,15 +29,26 @@ asymmetric ``pads`` when the spatial size is known (or the stride is 1), else
 (count_include_pad=0). ZeroPadding2D becomes a ``Pad`` node, folded into the
 following Conv (or a zero-padded AveragePool) when that is its only consumer.
 
-Supported layers: see ``SUPPORTED``. Anything else raises GraphError naming
-every unsupported layer at once.
+Supported layers (``SUPPORTED``): InputLayer, Conv2D (groups, dilation),
+DepthwiseConv2D, SeparableConv2D, Dense (2-D: Gemm; N-D: MatMul + Add),
+BatchNormalization (scale/center optional), PReLU (per channel, or per pixel
+for a fixed input size), LeakyReLU, ReLU (max_value, negative_slope),
+Activation / inline ``activation=`` (linear, relu, relu6, sigmoid, tanh,
+softmax, hard_sigmoid, swish/silu, hard_silu, leaky_relu), Softmax,
+Max/AveragePooling2D, GlobalAverage/GlobalMaxPooling2D (keepdims), Flatten,
+Reshape, Permute, Add, Subtract, Multiply, Average, Concatenate,
+ZeroPadding2D, Rescaling, and Dropout and the other inference no-ops.
+Sequential and functional models (Keras 2 list or Keras 3 dict
+``inbound_nodes``), shared layers, several inputs/outputs, and nested models
+(inlined as '<outer>/<inner>' layers) are handled. Anything else raises one
+GraphError naming every unsupported layer.
 """
 from __future__ import annotations
 
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -262,6 +273,59 @@ def parse_model(top: dict) -> Model:
     return Model(name, layers, _refs(cfg.get("input_layers")), _refs(cfg.get("output_layers")))
 
 
+def inline_nested(model: Model, lookup, weights_out: dict, prefix: str = "",
+                  enclosing: list | None = None) -> Model:
+    """Replace every nested model (a Sequential/Functional used as a layer) by
+    its layers, renamed '<outer>/<inner>'. Keras saves a nested model's weights
+    in one group named after it, with variable names '<inner layer>/<var>:0';
+    `lookup(name)` gives a layer's saved weights, `weights_out` receives them
+    under the inlined names. `enclosing` is the weight group of the model this
+    one is nested in (a model nested twice may have no variables named after it)."""
+    alias: dict[tuple, tuple] = {}
+
+    def resolve(ref):
+        while ref in alias:
+            ref = alias[ref]
+        return ref
+
+    layers = []
+    for l in model.layers:
+        calls = [[resolve(r) for r in call] for call in l.calls]
+        if l.cls not in MODEL_CLASSES:
+            layers.append(Layer(l.name, l.cls, l.config, calls))
+            weights_out[prefix + l.name] = lookup(l.name)
+            continue
+        outer = l.name
+        group = lookup(outer) or enclosing or []
+
+        def sub_lookup(name, group=group):
+            return [e for e in group if name in e[0].split("/")[:-1]]
+
+        sub_weights: dict = {}
+        sub = inline_nested(parse_model({"class_name": l.cls, "config": l.config}),
+                            sub_lookup, sub_weights, enclosing=group)
+        for k, call in enumerate(calls):
+            if len(call) != len(sub.inputs):
+                raise GraphError(f"nested model '{outer}' takes {len(sub.inputs)} inputs, "
+                                 f"call {k} gives it {len(call)}")
+            pre = f"{outer}/" if len(calls) == 1 else f"{outer}_{k}/"
+            feeds = dict(zip(sub.inputs, call))
+
+            def rename(ref, pre=pre, feeds=feeds):
+                return feeds[ref] if ref in feeds else (pre + ref[0], ref[1], ref[2])
+
+            for s in sub.layers:
+                if s.cls == "InputLayer":
+                    continue
+                layers.append(Layer(pre + s.name, s.cls, s.config,
+                                    [[rename(r) for r in c] for c in s.calls]))
+                weights_out[prefix + pre + s.name] = sub_weights.get(s.name, [])
+            for t, ref in enumerate(sub.outputs):
+                alias[(outer, k, t)] = rename(ref)
+    return Model(model.name, layers, [resolve(r) for r in model.inputs],
+                 [resolve(r) for r in model.outputs])
+
+
 # -------------------------------------------------------------- conversion
 
 @dataclass
@@ -310,7 +374,9 @@ def _axis_of(layer, default=-1):
 class _Converter:
     def __init__(self, kf: KerasFile, input_shape=None):
         self.kf = kf
-        self.model = parse_model(kf.config)
+        self.layer_weights: dict = {}
+        self.model = inline_nested(parse_model(kf.config),
+                                   lambda n: kf.weights.get(n, []), self.layer_weights)
         try:
             self.keras3 = int(kf.keras_version.split(".")[0]) >= 3
         except ValueError:
@@ -321,6 +387,7 @@ class _Converter:
         self.taken: set[str] = set()
         self.tensors: dict[tuple, T] = {}
         self._layouts: dict[tuple, str] = {}
+        self._consts_by_base: dict[str, list] = {}
         self.layer: Layer | None = None
         fmts = [l.config.get("data_format") for l in self.model.layers
                 if isinstance(l.config, dict) and l.config.get("data_format")]
@@ -337,8 +404,15 @@ class _Converter:
         return name
 
     def const(self, base: str, value, dtype=np.float32) -> str:
+        value = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        for name in self._consts_by_base.get(base, []):  # a shared layer's second call
+            old = self.inits[name]
+            if old.dtype == value.dtype and old.shape == value.shape and \
+                    np.array_equal(old, value):
+                return name
         name = self.fresh(base)
-        self.inits[name] = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        self.inits[name] = value
+        self._consts_by_base.setdefault(base, []).append(name)
         return name
 
     def emit(self, op, inputs, attrs=None, hint=None) -> str:
@@ -369,7 +443,7 @@ class _Converter:
         the saved order."""
         present = present or {}
         want = [n for n in names if present.get(n, True)]
-        entries = self.kf.weights.get(self.layer.name, [])
+        entries = self.layer_weights.get(self.layer.name, [])
         base = [w.split("/")[-1].split(":")[0] for w, _ in entries]
         found = {}
         if all(n in base for n in want):
@@ -407,7 +481,7 @@ class _Converter:
         elif name == "softmax":
             y = self.emit("Softmax", [t.name], {"axis": axis})
         elif name == "hard_sigmoid":  # Keras 2: clip(0.2x + 0.5); Keras 3: relu6(x + 3) / 6
-            alpha = 0.25
+            alpha = 1.0 / 6.0 if self.keras3 else 0.2
             y = self.emit("HardSigmoid", [t.name], {"alpha": alpha, "beta": 0.5})
         elif name in ("swish", "silu"):
             s = self.emit("Sigmoid", [t.name])
@@ -754,9 +828,6 @@ class _Converter:
     def check(self, layer: Layer) -> str | None:
         """Why this layer cannot be converted, or None."""
         cls, cfg = layer.cls, layer.config if isinstance(layer.config, dict) else {}
-        if cls in MODEL_CLASSES:
-            return ("a nested model; flatten it into one model before saving "
-                    "(e.g. rebuild it from the inner model's layers)")
         if cls not in SUPPORTED:
             return _HINTS.get(cls, "layer type not supported")
         fmt = cfg.get("data_format")
@@ -820,6 +891,15 @@ class _Converter:
             name = self.as_layout(t, q)
             if name in {v.name for v in graph_inputs} | {v.name for v in outputs}:
                 name = self.emit("Identity", [name], hint=ref[0])
+            want = ref[0] if ref[1] == 0 else f"{ref[0]}:{ref[1]}"
+            if name != want and self._produced(name):  # outputs carry the layer's name
+                blocked = ({v.name for v in outputs} | {v.name for v in graph_inputs}
+                           | set(self.inits))
+                if want not in blocked:
+                    if self._produced(want):  # the tensor before the output's transpose
+                        self._rename(want, self.fresh(f"{want}/keras_layout"))
+                    self._rename(name, want)
+                    name = want
             outputs.append(ValueInfo(name, _symbolic([t.shape[a] for a in q], t.rank == 4)))
         graph = Graph(self.nodes, graph_inputs, outputs, self.inits, name=m.name)
         _fold_zero_pads(graph)
@@ -832,6 +912,20 @@ class _Converter:
                           "model.input_layout": "NCHW"}
         graph.validate()
         return graph
+
+    def _produced(self, name) -> bool:
+        return any(name in n.outputs for n in self.nodes)
+
+    def _rename(self, old: str, new: str) -> None:
+        self.taken.add(new)
+        for n in self.nodes:
+            n.inputs = [new if i == old else i for i in n.inputs]
+            if old in n.outputs:
+                n.outputs = [new if o == old else o for o in n.outputs]
+                n.name = new
+        for key, v in list(self._layouts.items()):
+            if v == old:
+                self._layouts[key] = new
 
     def make_input(self, byname, ref, index) -> ValueInfo:
         layer = byname.get(ref[0])
@@ -887,7 +981,7 @@ class _Converter:
         # the layer's last node writes the tensor named after the layer
         if len(self.nodes) > before and self.nodes[-1].outputs == [out.name] and \
                 out.name not in self._layouts.values():
-            clean = self.fresh(layer.name if k == 0 else f"{layer.name}_{k}")
+            clean = self.fresh(layer.name if k == 0 else f"{layer.name}:{k}")
             self.taken.discard(out.name)
             self.nodes[-1].outputs = [clean]
             self.nodes[-1].name = clean

@@ -151,6 +151,7 @@ def build(weights: dict[str, np.ndarray] | None = None, width: float = 1.0,
     graph = Graph(nodes, [ValueInfo("input", ("N", in_channels, hw, input_size or "W"))],
                   [ValueInfo("probabilities", ("N", num_classes))], inits,
                   {"model.name": "QuickNet", "model.width": float(width),
+                   "preprocess.size": [input_size or 32, input_size or 32],
                    "labels": list(labels or [str(i) for i in range(num_classes)])},
                   name="QuickNet")
     graph.validate()

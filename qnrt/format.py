@@ -3,7 +3,8 @@
 A fixed header, three small typed blocks (metadata, graph, tensor table) and a
 64-byte aligned data section that load() maps read-only, so initializers are
 zero-copy views. The byte layout is specified in docs/qnb-format.md.
-Imports only numpy and the standard library.
+Imports only numpy and the standard library; qnrt.codec (Numba) is imported
+only for files that hold compressed tensors.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import stat
 import struct
 import tempfile
+import weakref
 import zlib
 from collections import Counter
 from typing import Any
@@ -33,8 +35,8 @@ SECTIONS = ("metadata", "graph", "tensor_table", "data")
 DTYPES = {1: "float32", 2: "float16", 3: "int8", 4: "uint8", 5: "int32", 6: "int64",
           7: "float64", 8: "int16", 9: "uint16", 10: "uint32", 11: "uint64", 12: "bool"}
 _DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
-ENCODINGS = {0: "raw"}  # nonzero codes are reserved for compressed encodings
-RAW = 0
+ENCODINGS = {0: "raw", 1: "deep-compression"}  # other nonzero codes are reserved
+RAW, DEEP_COMPRESSION = 0, 1
 
 # Value type tags, shared by metadata, attributes and dimensions. tag & 3 is the
 # element type; tags 4-7 are arrays of it.
@@ -49,6 +51,51 @@ class FormatError(ValueError):
 
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+# ------------------------------------------------------------------ encoded arrays
+
+# id(array) -> (weak reference to it, encoding code, payload). An initializer that is
+# registered here is written with that encoding instead of raw; load() registers the
+# arrays it decodes, so a load -> save round trip keeps tensors compressed.
+_ENCODED: dict[int, tuple] = {}
+
+
+def attach_encoding(array: np.ndarray, encoding: int, payload: bytes) -> None:
+    """Make save() store `array` (float32) as `payload` in `encoding` instead of raw.
+    The payload must decode to exactly `array`; save() checks that before writing."""
+    if encoding not in ENCODINGS or encoding == RAW:
+        raise ValueError(f"encoding {encoding} is not a known compressed encoding")
+    if not isinstance(array, np.ndarray) or array.dtype.newbyteorder("=") != np.float32:
+        raise TypeError(f"encoding {encoding} holds float32 arrays only")
+    key = id(array)
+    if key not in _ENCODED or _ENCODED[key][0]() is not array:
+        weakref.finalize(array, _ENCODED.pop, key, None)
+    _ENCODED[key] = (weakref.ref(array), encoding, bytes(payload))
+
+
+def encoding_of(array) -> tuple[int, bytes] | None:
+    """(encoding, payload) that save() will use for `array`, or None for raw."""
+    entry = _ENCODED.get(id(array))
+    if entry is None or entry[0]() is not array:
+        return None
+    return entry[1], entry[2]
+
+
+def detach_encoding(array) -> None:
+    """Store `array` raw again."""
+    if encoding_of(array) is not None:
+        del _ENCODED[id(array)]
+
+
+def _decode_tensor(t: dict, payload: bytes) -> np.ndarray:
+    """The array an encoded tensor-table entry stores; FormatError if malformed."""
+    from . import codec  # numba: imported only when a file holds encoded tensors
+
+    try:
+        return codec.decode(payload, t["shape"])
+    except codec.CodecError as exc:
+        raise FormatError(f"tensor '{t['name']}': {exc}") from None
 
 
 # ------------------------------------------------------------------ writing
@@ -361,12 +408,28 @@ def _decode(buf, verify: bool) -> Graph:
                               f"{data_off + data_n}): stored 0x{h['data_crc']:08x}, computed "
                               f"0x{got:08x}; the file is corrupt")
     for t in table.values():
-        if t["encoding"] != RAW:
+        if t["encoding"] not in ENCODINGS:
             raise FormatError(f"tensor '{t['name']}' has encoding {t['encoding']}, which this "
                               f"reader does not support (known: {ENCODINGS})")
+        if t["encoding"] == DEEP_COMPRESSION and t["dtype"] != "float32":
+            raise FormatError(f"tensor '{t['name']}' has encoding {t['encoding']} "
+                              f"({ENCODINGS[t['encoding']]}), which holds float32 only, "
+                              f"not {t['dtype']}")
     _check_wiring(inputs, outputs, nodes, table)
+    decoded = {}
+    for t in table.values():  # copies of the payloads: no view of buf survives an error
+        if t["encoding"] != RAW:
+            start = data_off + t["offset"]
+            payload = bytes(buf[start:start + t["nbytes"]])
+            decoded[t["name"]] = (_decode_tensor(t, payload), t["encoding"], payload)
     inits = {}
-    for t in table.values():  # made only after every check passed (see load)
+    for t in table.values():  # views made only after every check passed (see load)
+        if t["name"] in decoded:
+            arr, enc, payload = decoded[t["name"]]
+            arr.flags.writeable = False  # like the mapped raw tensors
+            attach_encoding(arr, enc, payload)
+            inits[t["name"]] = arr
+            continue
         dt = np.dtype(t["dtype"]).newbyteorder("<")
         inits[t["name"]] = np.frombuffer(buf, dt, t["nbytes"] // dt.itemsize,
                                          data_off + t["offset"]).reshape(t["shape"])
@@ -434,6 +497,27 @@ def _write_data(f, tensors) -> None:
         pos = off + flat.nbytes
 
 
+def _stored(name: str, a) -> tuple[int, np.ndarray | None]:
+    """(encoding, payload bytes) for an initializer registered by attach_encoding(),
+    after checking that its payload still decodes to exactly `a`; else (RAW, None)."""
+    entry = encoding_of(a)
+    if entry is None:
+        return RAW, None
+    enc, payload = entry
+    shape = tuple(a.shape)
+    try:
+        back = _decode_tensor({"name": name, "shape": shape}, payload)
+    except FormatError as exc:
+        raise ValueError(f"initializer '{name}': its {ENCODINGS[enc]} payload is invalid: "
+                         f"{exc}") from None
+    mine = np.ascontiguousarray(a, np.float32)
+    if not np.array_equal(back.view(np.uint32), mine.view(np.uint32)):
+        raise ValueError(f"initializer '{name}' no longer matches its {ENCODINGS[enc]} "
+                         "encoding (modified after compression?): compress it again, or "
+                         "call qnrt.format.detach_encoding() on it to store it raw")
+    return enc, np.frombuffer(payload, np.uint8)
+
+
 def save(graph: Graph, path) -> int:
     """Write `graph` to `path` atomically; returns the number of bytes written."""
     path = os.fspath(path)
@@ -450,12 +534,14 @@ def save(graph: Graph, path) -> int:
     w, tensors, data_n, data_crc = _Writer(), [], 0, 0
     w.pack("I", len(graph.initializers))
     for name, a in graph.initializers.items():
+        enc, flat = _stored(name, a)
         a = np.asarray(a)
         code = _dtype_code(a.dtype, f"initializer '{name}'")
-        flat = np.ascontiguousarray(a.reshape(-1), a.dtype.newbyteorder("<")).view(np.uint8)
+        if flat is None:
+            flat = np.ascontiguousarray(a.reshape(-1), a.dtype.newbyteorder("<")).view(np.uint8)
         off = _align(data_n)
         w.str(name)
-        w.pack(f"BBI{a.ndim}QQQ", code, RAW, a.ndim, *a.shape, off, flat.nbytes)
+        w.pack(f"BBI{a.ndim}QQQ", code, enc, a.ndim, *a.shape, off, flat.nbytes)
         data_crc = zlib.crc32(flat, zlib.crc32(b"\0" * (off - data_n), data_crc))
         tensors.append((off, flat))
         data_n = off + flat.nbytes

@@ -132,10 +132,16 @@ class Session:
         return self._programs[key]
 
     def _concrete_input_shapes(self, given: dict) -> dict:
+        """Given shapes, else the model's; a symbolic dimension defaults to 1, or for
+        an image's H and W to the preprocessing size the metadata names."""
+        size = list(self._graph.metadata.get("preprocess.size", [])) or [1, 1]
         out = {}
         for v in self._graph.inputs:
-            shape = tuple(given.get(v.name, v.shape))
-            out[v.name] = tuple(1 if isinstance(d, str) else int(d) for d in shape)
+            shape = list(given.get(v.name, v.shape))
+            for k, d in enumerate(shape):
+                if isinstance(d, str):
+                    shape[k] = int(size[k - 2]) if len(shape) == 4 and k >= 2 else 1
+            out[v.name] = tuple(int(d) for d in shape)
         return out
 
     def _check_feed(self, feed: dict) -> dict:

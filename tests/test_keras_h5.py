@@ -43,7 +43,9 @@ def write_keras_h5(path, model_config: dict, weights: dict, layer_names: list,
         for lname in layer_names:
             g = mw.create_group(lname)
             entries = weights.get(lname, [])
-            names = [f"{lname}/{var}:0".encode("utf8") for var, _ in entries]
+            # a var with a "/" is a full variable name (a nested model's weights)
+            names = [(var if "/" in var else f"{lname}/{var}").encode("utf8") + b":0"
+                     for var, _ in entries]
             if weight_names_attr:
                 if chunk_weight_names and names:  # as Keras splits an oversized attribute
                     for k, part in enumerate(np.array_split(np.array(names, dtype="S"),
@@ -651,6 +653,7 @@ def test_stride2_same_padding_odd_and_even_sizes(tmp_path, size, kernel):
     config, layers, ref = sequential("s2", x, [
         Conv2D("conv2d", 4, kernel, strides=2, padding="same"),
         DepthwiseConv2D("dw", kernel, strides=2, padding="same", depth_multiplier=2),
+        Conv2D("grouped", 4, kernel, padding="same", groups=2),
         SeparableConv2D("sep", 5, kernel, strides=1, padding="same", activation="relu")]
         if size < 9 else [
         MaxPooling2D("mp", kernel, strides=2, padding="same"),
@@ -854,6 +857,82 @@ def test_keras3_style_functional_config(tmp_path):
                    keras_version="3.3.3")
     graph = from_h5(path)
     assert_close(run_qnrt(graph, x), z.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("outer", ["Functional", "Sequential"])
+def test_nested_model_is_inlined(tmp_path, outer):
+    """A Sequential used as a layer: its weights live in one group named after
+    it, trainable ones first, as '<inner layer>/<var>:0'."""
+    x = images((2, 8, 8, 3), seed=12)
+    inner_cfg, inner_layers, feat = sequential("backbone", x, [
+        Conv2D("c1", 4, 3, padding="same"), BatchNormalization("bn1"), ReLU("relu1"),
+        Conv2D("c2", 5, 1)], input_name="backbone_input")
+    backbone = Opaque("backbone", outer)
+    gap, dense = GlobalAveragePooling2D("gap"), Dense("dense", 3, activation="softmax")
+    out = dense(gap(KT(backbone, 0, feat)))
+    nested = {"class_name": "Sequential", "config": inner_cfg["config"], "name": "backbone"}
+    if outer == "Functional":
+        layers = [{"class_name": "InputLayer", "name": "input_1", "inbound_nodes": [],
+                   "config": Input("input_1", x).layer.config()},
+                  {**nested, "inbound_nodes": [[["input_1", 0, 0, {}]]]},
+                  {"class_name": "GlobalAveragePooling2D", "name": "gap", "config": gap.config(),
+                   "inbound_nodes": gap.inbound},
+                  {"class_name": "Dense", "name": "dense", "config": dense.config(),
+                   "inbound_nodes": dense.inbound}]
+        config = {"class_name": "Functional", "config": {
+            "name": "outer", "layers": layers, "input_layers": [["input_1", 0, 0]],
+            "output_layers": [["dense", 0, 0]]}}
+    else:
+        config = {"class_name": "Sequential", "config": {"name": "outer", "layers": [
+            {"class_name": "InputLayer", "config": Input("input_1", x).layer.config()},
+            nested, {"class_name": "GlobalAveragePooling2D", "config": gap.config()},
+            {"class_name": "Dense", "config": dense.config()}]}}
+    c1, bn1, c2 = (dict(l.weights) for l in (inner_layers[0], inner_layers[1], inner_layers[3]))
+    group = ([("c1/kernel", c1["kernel"]), ("c1/bias", c1["bias"]), ("bn1/gamma", bn1["gamma"]),
+              ("bn1/beta", bn1["beta"]), ("c2/kernel", c2["kernel"]), ("c2/bias", c2["bias"])]
+             + [("bn1/moving_mean", bn1["moving_mean"]),
+                ("bn1/moving_variance", bn1["moving_variance"])])
+    path = tmp_path / "nested.h5"
+    write_keras_h5(path, config, {"backbone": group, "dense": dense.weights},
+                   ["input_1", "backbone", "gap", "dense"] if outer == "Functional"
+                   else ["backbone", "gap", "dense"])
+    graph = from_h5(path)
+    assert {n.name for n in graph.nodes if n.op == "Conv"} == {"backbone/c1", "backbone/c2"}
+    assert_close(run_qnrt(graph, x), out.value)
+
+
+def test_shared_layer_two_inputs_and_outputs_named_after_layers(tmp_path):
+    _ALL.clear()
+    xa, xb = images((2, 6, 6, 3), seed=13), images((2, 6, 6, 3), seed=14)
+    a, b = trace(Input("image_a", xa)), trace(Input("image_b", xb))
+    shared = Conv2D("shared_conv", 4, 3, padding="same", activation="relu")
+    fa, fb = trace(shared(a)), trace(shared(b))  # one layer, two calls (nodes 0 and 1)
+    s = trace(Add("add")([fa, fb]))
+    r = trace(Reshape("to_nhwc_order", (6, 6, 4))(s))  # 4-D output of a Reshape
+    config, layers = functional("siamese", [a, b], [r, fb])
+    graph = from_h5(save_model(tmp_path / "shared.h5", config, layers))
+    assert [v.name for v in graph.inputs] == ["image_a", "image_b"]
+    assert [v.name for v in graph.outputs] == ["to_nhwc_order", "shared_conv:1"]
+    convs = [n for n in graph.nodes if n.op == "Conv"]
+    assert len(convs) == 2 and convs[0].inputs[1] == convs[1].inputs[1]  # one weight
+    sess = Session(graph)
+    got = sess.run(None, {"image_a": np.ascontiguousarray(xa.transpose(0, 3, 1, 2)),
+                          "image_b": np.ascontiguousarray(xb.transpose(0, 3, 1, 2))})
+    assert_close(got[0], r.value.transpose(0, 3, 1, 2))
+    assert_close(got[1], fb.value.transpose(0, 3, 1, 2))
+
+
+def test_model_without_input_shape_needs_one(tmp_path):
+    x = images((1, 8, 8, 3), seed=15)
+    config, layers, ref = sequential("noshape", x, [Conv2D("conv2d", 2, 3, strides=2,
+                                                          padding="same")])
+    config["config"]["layers"] = config["config"]["layers"][1:]  # old Keras: no InputLayer
+    path = save_model(tmp_path / "noshape.h5", config, layers)
+    with pytest.raises(GraphError, match="no shape in the model; pass the input shape"):
+        from_h5(path)
+    graph = from_h5(path, input_shape=(1, 3, 8, 8))
+    assert graph.inputs[0].shape == (1, 3, 8, 8)
+    assert_close(run_qnrt(graph, x), ref.transpose(0, 3, 1, 2))
 
 
 def test_convert_h5_to_qnb_end_to_end(tmp_path):

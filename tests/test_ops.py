@@ -3,6 +3,7 @@ shapes and attributes, our kernel runs through the op contract (infer ->
 allocate -> prepare -> run) and must match ORT's one-node model."""
 from __future__ import annotations
 
+import contextlib
 import tracemalloc
 
 import numpy as np
@@ -13,6 +14,7 @@ from onnx import helper
 
 from ort_reference import one_node, ort_run
 from qnrt.graph import GraphError, Node
+from qnrt.ops import conv as conv_mod
 from qnrt.ops import get_op, supported_ops
 
 FAST = settings(max_examples=30, deadline=None)
@@ -114,12 +116,25 @@ def conv_cases(draw):
     return x, wt, bias, attrs
 
 
+@contextlib.contextmanager
+def depthwise_rows():
+    """Force depthwise convs onto the row kernels (small planes go channels-last)."""
+    saved = conv_mod.NHWC_MAX_WIDTH
+    conv_mod.NHWC_MAX_WIDTH = 0
+    try:
+        yield
+    finally:
+        conv_mod.NHWC_MAX_WIDTH = saved
+
+
 @FAST
 @given(conv_cases())
 def test_conv(case):
     x, wt, bias, attrs = case
     consts = {"w": wt} if bias is None else {"w": wt, "b": bias}
-    check("Conv", {"x": x}, consts, attrs)
+    ref = check("Conv", {"x": x}, consts, attrs)
+    with depthwise_rows():
+        close(run_qnrt("Conv", {"x": x}, consts, attrs)[0], ref)
 
 
 ACTIVATIONS = [("Relu", {}), ("PRelu", {}), ("Clip", {"min": -0.5, "max": 1.5}),
@@ -151,6 +166,8 @@ def test_conv_fused_activation(case, act, slope_is_scalar):
     if bias is None:
         del consts["b"]
     ours = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
+    with depthwise_rows():
+        rows = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
 
     inits = {"w": wt} if bias is None else {"w": wt, "b": bias}
     nodes = [helper.make_node("Conv", ["x", *inits], ["c" if kind else "y"], **attrs)]
@@ -162,7 +179,9 @@ def test_conv_fused_activation(case, act, slope_is_scalar):
         nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
     elif kind:
         nodes.append(helper.make_node(kind, ["c"], ["y"], **params))
-    close(ours, ort_run(nodes, {"x": x}, inits)[0])
+    ref = ort_run(nodes, {"x": x}, inits)[0]
+    close(ours, ref)
+    close(rows, ref)
 
 
 def test_conv_quicknet_shapes():
@@ -173,8 +192,11 @@ def test_conv_quicknet_shapes():
              ((1, 64, 20, 20), (64, 64, 3, 3), 1, 1), ((1, 8, 30, 30), (16, 1, 3, 3), 8, 1)]
     for xs, ws, g, p in cases:
         x, wt, b = rand(rng, xs), rand(rng, ws, -0.3, 0.3), rand(rng, (ws[0],))
-        check("Conv", {"x": x}, {"w": wt, "b": b}, {"group": g, "pads": [p] * 4})
-        check("Conv", {"x": x}, {"w": wt, "b": b}, {"group": g, "pads": [p] * 4, "strides": [2, 2]})
+        for attrs in ({"group": g, "pads": [p] * 4}, {"group": g, "pads": [p] * 4,
+                                                       "strides": [2, 2]}):
+            ref = check("Conv", {"x": x}, {"w": wt, "b": b}, attrs)
+            with depthwise_rows():
+                close(run_qnrt("Conv", {"x": x}, {"w": wt, "b": b}, attrs)[0], ref)
 
 
 def test_conv_no_big_allocations():
@@ -182,12 +204,15 @@ def test_conv_no_big_allocations():
     rng = np.random.default_rng(0)
     for xs, ws, g, pads in [((1, 64, 64, 64), (64, 64, 1, 1), 1, 0),
                             ((1, 64, 64, 64), (64, 1, 3, 3), 64, 1),
+                            ((1, 64, 64, 64), (64, 1, 3, 3), 64, 0),
+                            ((1, 256, 8, 8), (256, 1, 3, 3), 256, 1),
+                            ((1, 3, 64, 64), (6, 1, 3, 3), 3, 1),
                             ((1, 16, 64, 64), (32, 16, 3, 3), 1, 1),
                             ((2, 16, 64, 64), (32, 4, 3, 3), 4, 1)]:
         x, wt, b = rand(rng, xs), rand(rng, ws), rand(rng, (ws[0],))
         kernel, ins, out_shapes = prepare("Conv", {"x": x}, {"w": wt, "b": b},
                                           {"group": g, "pads": [pads] * 4, "activation": "Relu"})
-        assert kernel.workspace <= 512 * 1024
+        assert kernel.workspace <= 2 * 1024 * 1024
         outs = [np.empty(out_shapes[0], np.float32)]
         ws = np.empty(kernel.workspace, np.uint8)
         kernel.run(ins, outs, ws)  # compile

@@ -27,24 +27,29 @@ sys.path.insert(0, ROOT)
 
 DEFAULT_SHAPES = ("1x3x32x32", "32x3x32x32", "1x3x224x224")
 
-COLD_QNRT = """
-import time, resource, sys
+PEAK_RSS = """
+def peak_rss_kib():  # VmHWM: this process's own peak (ru_maxrss survives exec)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+"""
+COLD_QNRT = PEAK_RSS + """
+import time, sys
 t0 = time.perf_counter()
 import numpy as np, qnrt
 s = qnrt.Session(sys.argv[1])
 s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
 t1 = time.perf_counter()
-print(t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(t1 - t0, peak_rss_kib())
 """
-COLD_ORT = """
-import time, resource, sys
+COLD_ORT = PEAK_RSS + """
+import time, sys
 t0 = time.perf_counter()
 import numpy as np, onnxruntime as ort
 o = ort.SessionOptions(); o.intra_op_num_threads = 1
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
 s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
 t1 = time.perf_counter()
-print(t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(t1 - t0, peak_rss_kib())
 """
 RSS_RUN = """
 import resource, sys, numpy as np
@@ -52,8 +57,8 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
 engine, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if engine == "qnrt":
-    import qnrt as eng
+if engine == "qnrt":  # the engine's import is not the model's cost: import first
+    import qnrt.session as eng
     base = rss(); s = eng.Session(path)
 else:
     import onnxruntime as eng
@@ -165,13 +170,13 @@ def main(argv=None) -> int:
             co = [child(COLD_ORT, onnx_path) for _ in range(args.cold)]
             cold = {"qnrt_s": statistics.median(c[0] for c in cq),
                     "ort_s": statistics.median(c[0] for c in co),
-                    "qnrt_maxrss_mib": statistics.median(c[1] for c in cq) / 1024,
-                    "ort_maxrss_mib": statistics.median(c[1] for c in co) / 1024}
+                    "qnrt_peak_rss_mib": statistics.median(c[1] for c in cq) / 1024,
+                    "ort_peak_rss_mib": statistics.median(c[1] for c in co) / 1024}
             cold["ratio"] = cold["qnrt_s"] / cold["ort_s"]
             report["cold_start"] = cold
             print(f"cold start (import + load + first 1x3x32x32 answer, median of {args.cold} "
-                  f"processes): qnrt {cold['qnrt_s']:.3f} s / {cold['qnrt_maxrss_mib']:.0f} MiB "
-                  f"max RSS, onnxruntime {cold['ort_s']:.3f} s / {cold['ort_maxrss_mib']:.0f} MiB, "
+                  f"processes): qnrt {cold['qnrt_s']:.3f} s / {cold['qnrt_peak_rss_mib']:.0f} MiB "
+                  f"peak RSS, onnxruntime {cold['ort_s']:.3f} s / {cold['ort_peak_rss_mib']:.0f} MiB, "
                   f"ratio {cold['ratio']:.2f}", file=sys.stderr)
             growth = {}
             for engine, path in (("qnrt", qnb_path), ("ort", onnx_path)):

@@ -188,6 +188,22 @@ def epilogue(y, c0, c1, t0, t1, bias, slope, kind, a, b):
 
 
 @njit
+def act_vec(y, slope, kind, a, b):
+    """y[i] = act(y[i]) with a per-element PRelu slope (channels-last rows)."""
+    af, bf = np.float32(a), np.float32(b)
+    if kind == 1:
+        for i in range(y.size):
+            y[i] = max(y[i], np.float32(0))
+    elif kind == 2:
+        for i in range(y.size):
+            v = y[i]
+            y[i] = v if v >= 0 else v * slope[i]
+    elif kind != 0:
+        for i in range(y.size):
+            y[i] = _act(y[i], slope[i], kind, af, bf)
+
+
+@njit
 def unary(x, y, kind, a, b):
     """y = act(x) over flat arrays (y may be x)."""
     af, bf = np.float32(a), np.float32(b)

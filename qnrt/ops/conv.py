@@ -13,11 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import Kernel, register
-from ._common import (ACT_CODES, act_row, activation_params, attr_ints, attr_str,
+from ._common import (ACT_CODES, act_row, act_vec, activation_params, attr_ints, attr_str,
                       const_of, epilogue, fail, has_input, njit, numba_const, window_geometry)
 
 WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
 MIN_TILE = 64  # columns; BLAS gets inefficient below this
+NHWC_MAX_WIDTH = 64  # depthwise outputs narrower than this go channels-last
+NHWC_MAX_BYTES = 2 * 1024 * 1024  # ... if the transposed image fits this workspace
 
 
 def _geometry(node, in_shapes):
@@ -115,6 +117,24 @@ def prepare(node, in_shapes, out_shapes, consts):
     if group == cin and cg_is_one(g):
         mult = cout // cin
         wd = numba_const(w_c) if w_c is not None else None
+
+        nhwc_bytes = ((hw + 1) * cin + ohw * cin) * 4
+        if mult == 1 and ow < NHWC_MAX_WIDTH and nhwc_bytes <= NHWC_MAX_BYTES:
+            taps = _nhwc_taps(g["h"], g["w"], oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+
+            def weights_t(w):  # (K3, C), zero rows for the padding taps
+                wt = np.zeros((taps.shape[1], cout), np.float32)
+                wt[:kh * kw] = w.reshape(cout, kh * kw).T
+                return wt
+            wt_c = weights_t(w_c) if w_c is not None else None
+
+            def run(ins, outs, workspace):
+                bias, slope = side(ins)
+                ws = workspace[:nhwc_bytes].view(np.float32)
+                _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
+                         slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
+                         ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b)
+            return Kernel(run, workspace=nhwc_bytes)
 
         if (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1) and g["begin"] == g["end"] == [1, 1]:
             def run(ins, outs, workspace):
@@ -229,6 +249,69 @@ def _dw3x3(x, w, bias, slope, y, mult, kind, a, b):
                                      + w20 * r2[j] + w21 * a2[j] + w22 * b2[j])
                 if kind != 0:
                     act_row(out, np.float32(0), slope[m], kind, a, b)
+
+
+@njit
+def _transpose2(src, dst):
+    """dst = src.T for 2-D arrays: strips of 8 source rows, so each write is
+    8 contiguous floats and each read line is reused from cache."""
+    r_, s_ = src.shape
+    for r0 in range(0, r_ - 7, 8):
+        for s in range(s_):
+            d = dst[s, r0:r0 + 8]
+            for i in range(8):
+                d[i] = src[r0 + i, s]
+    for r in range(r_ - r_ % 8, r_):
+        for s in range(s_):
+            dst[s, r] = src[r, s]
+
+
+@njit
+def _dw_nhwc(x, wt, taps, bias, slope, y, xt, yt, kind, a, b):
+    """Depthwise conv (multiplier 1) for small planes, whose rows are too short
+    to vectorize: transpose the image to channels-last in the workspace, then
+    each output pixel is a sum of (weight row * input row) over all channels.
+    taps[p] lists the input pixel of each tap for output pixel p (the zero row
+    xt[H*W] for taps in the padding), in groups of three so that one pass
+    accumulates three taps; wt (taps.shape[1], C) is zero for the padding taps."""
+    n_, c_ = x.shape[0], x.shape[1]
+    hw, ohw = xt.shape[0] - 1, yt.shape[0]
+    xt[hw, :] = 0
+    for n in range(n_):
+        _transpose2(x[n].reshape(c_, hw), xt)
+        for p in range(ohw):
+            acc, tp = yt[p], taps[p]
+            if tp.size == 9:  # 3x3: all taps in one pass, accumulator in registers
+                x0, x1, x2, x3, x4 = xt[tp[0]], xt[tp[1]], xt[tp[2]], xt[tp[3]], xt[tp[4]]
+                x5, x6, x7, x8 = xt[tp[5]], xt[tp[6]], xt[tp[7]], xt[tp[8]]
+                w0, w1, w2, w3, w4, w5, w6, w7, w8 = (wt[0], wt[1], wt[2], wt[3], wt[4],
+                                                      wt[5], wt[6], wt[7], wt[8])
+                for c in range(c_):
+                    acc[c] = bias[c] + (w0[c] * x0[c] + w1[c] * x1[c] + w2[c] * x2[c]
+                                        + w3[c] * x3[c] + w4[c] * x4[c] + w5[c] * x5[c]
+                                        + w6[c] * x6[c] + w7[c] * x7[c] + w8[c] * x8[c])
+                act_vec(acc, slope, kind, a, b)
+                continue
+            acc[:] = bias
+            for k in range(0, tp.size, 3):
+                x0, x1, x2 = xt[tp[k]], xt[tp[k + 1]], xt[tp[k + 2]]
+                w0, w1, w2 = wt[k], wt[k + 1], wt[k + 2]
+                for c in range(c_):
+                    acc[c] += w0[c] * x0[c] + w1[c] * x1[c] + w2[c] * x2[c]
+            act_vec(acc, slope, kind, a, b)
+        _transpose2(yt, y[n].reshape(c_, ohw))
+
+
+def _nhwc_taps(h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
+    """(OH*OW, K3) input pixel of every tap (h*w = the zero row), K3 = KH*KW
+    rounded up to a multiple of 3."""
+    k3 = -(-kh * kw // 3) * 3
+    ih = (np.arange(oh) * sh - ph)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
+    iw = (np.arange(ow) * sw - pw)[None, :, None, None] + (np.arange(kw) * dw)[None, None, None, :]
+    ok = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+    taps = np.where(ok, ih * w + iw, h * w).reshape(oh * ow, kh * kw)
+    pad = np.full((oh * ow, k3 - kh * kw), h * w)
+    return np.ascontiguousarray(np.concatenate([taps, pad], 1), dtype=np.int64)
 
 
 @njit

@@ -1,0 +1,258 @@
+"""Decoder of the .qnb compressed tensor encoding 1, "deep compression".
+
+A tensor stored with encoding 1 holds only its nonzero entries: a codebook of
+2^b float32 values, and two canonical-Huffman bitstreams, one of codebook
+indices and one of the gaps between consecutive stored positions. The byte
+layout is specified in docs/qnb-format.md ("Encoding 1"); the encoder lives in
+exporters/compress.py.
+
+Everything here runs on data from a file that may be malicious: the Numba
+kernels check every read against the stream length, every code table against
+the Kraft inequality and every position against the tensor size, and report
+problems as error codes, which `decode()` turns into a FormatError-ready
+`CodecError` message. Imports only numpy, numba and the standard library.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from numba import njit
+
+MAX_CODE_LEN = 24      # longest Huffman code a reader accepts
+MAX_INDEX_BITS = 8     # b: codebook of 2^b entries, b in 1..8
+MAX_GAP_BITS = 16      # g: gap alphabet of 2^g symbols, g in 1..16
+FAST_BITS = 10         # codes up to this long decode with one table lookup
+HEADER = struct.Struct("<BBHIQQQ")  # b, g, reserved u16, reserved u32, count, 2 x stream bits
+DEEP_COMPRESSION = 1   # the tensor-table encoding code
+
+# error codes returned by the kernels (0 = success)
+OK, E_LENGTH, E_KRAFT, E_EXHAUSTED, E_INVALID, E_POSITION, E_TRAILING, E_SYMBOL = range(8)
+_MESSAGES = {
+    E_LENGTH: "code length table has a length above " + str(MAX_CODE_LEN),
+    E_KRAFT: "code length table is oversubscribed (Kraft sum above 1)",
+    E_EXHAUSTED: "stream exhausted before all entries were decoded",
+    E_INVALID: "bit pattern that is not a code of the table",
+    E_POSITION: "position beyond the end of the tensor",
+    E_TRAILING: "stream has bits left over after the last entry",
+    E_SYMBOL: "symbol outside the alphabet",
+}
+
+
+class CodecError(ValueError):
+    """A malformed encoded tensor (qnrt.format re-raises it as FormatError)."""
+
+
+# ------------------------------------------------------------------ Numba kernels
+
+@njit(cache=True)
+def _table(lengths):
+    """Canonical-Huffman decoding tables for per-symbol code `lengths` (0 = unused).
+
+    Returns (err, counts[0..MAX], symbols in canonical order, fast table). A fast
+    table entry is sym << 5 | length for codes of at most FAST_BITS bits, else -1
+    (longer code, or no code: the bit-serial path decides)."""
+    counts = np.zeros(MAX_CODE_LEN + 1, np.int64)
+    fast = np.full(1 << FAST_BITS, -1, np.int64)
+    for s in range(lengths.size):
+        if lengths[s] > MAX_CODE_LEN:
+            return E_LENGTH, counts, np.zeros(0, np.int64), fast
+        counts[lengths[s]] += 1
+    counts[0] = 0
+    left = 1
+    for n in range(1, MAX_CODE_LEN + 1):
+        left = (left << 1) - counts[n]
+        if left < 0:
+            return E_KRAFT, counts, np.zeros(0, np.int64), fast
+    start = np.zeros(MAX_CODE_LEN + 2, np.int64)
+    for n in range(1, MAX_CODE_LEN + 1):
+        start[n + 1] = start[n] + counts[n]
+    symbols = np.zeros(start[MAX_CODE_LEN + 1], np.int64)
+    nxt = start.copy()
+    for s in range(lengths.size):
+        n = lengths[s]
+        if n:
+            symbols[nxt[n]] = s
+            nxt[n] += 1
+    code = 0  # first canonical code of each length, as in RFC 1951 3.2.2
+    k = 0
+    for n in range(1, MAX_CODE_LEN + 1):
+        for _ in range(counts[n]):
+            if n <= FAST_BITS:  # Kraft holds, so code < 2^n and the range fits
+                lo = code << (FAST_BITS - n)
+                hi = (code + 1) << (FAST_BITS - n)
+                for j in range(lo, hi):
+                    fast[j] = (symbols[k] << 5) | n
+            code += 1
+            k += 1
+        code <<= 1
+    return OK, counts, symbols, fast
+
+
+@njit(cache=True)
+def _peek(stream, pos, k):
+    """The k <= 24 bits of `stream` starting at bit `pos` (MSB first); bytes past the
+    end read as zero, so peeking never leaves the array."""
+    i = pos >> 3
+    v = 0
+    for j in range(4):
+        v <<= 8
+        if 0 <= i + j < stream.size:
+            v |= stream[i + j]
+    return (v >> (32 - (pos & 7) - k)) & ((1 << k) - 1)
+
+
+@njit(cache=True)
+def _symbol(stream, nbits, pos, counts, symbols, fast):
+    """Decode one symbol at bit `pos`: returns (err, symbol, new pos)."""
+    e = fast[_peek(stream, pos, FAST_BITS)]
+    if e >= 0:
+        n = e & 31
+        if pos + n > nbits:
+            return E_EXHAUSTED, 0, pos
+        return OK, e >> 5, pos + n
+    bits = _peek(stream, pos, MAX_CODE_LEN)
+    code = 0
+    first = 0
+    index = 0
+    for n in range(1, MAX_CODE_LEN + 1):
+        code |= (bits >> (MAX_CODE_LEN - n)) & 1
+        count = counts[n]
+        if code - first < count:  # code >= first always holds
+            if pos + n > nbits:
+                return E_EXHAUSTED, 0, pos
+            return OK, symbols[index + code - first], pos + n
+        index += count
+        first = (first + count) << 1
+        code <<= 1
+    if pos + MAX_CODE_LEN > nbits:
+        return E_EXHAUSTED, 0, pos
+    return E_INVALID, 0, pos
+
+
+@njit(cache=True)
+def huffman_decode(lengths, stream, nbits, count):
+    """Decode `count` symbols from a canonical-Huffman bitstream of `nbits` bits that
+    must be consumed exactly. Returns (err, symbols, number decoded)."""
+    out = np.zeros(max(count, 0), np.int64)
+    err, counts, symbols, fast = _table(lengths)
+    if err:
+        return err, out, 0
+    if nbits > 8 * stream.size or nbits < 0:
+        return E_EXHAUSTED, out, 0
+    pos = 0
+    for k in range(count):
+        err, s, pos = _symbol(stream, nbits, pos, counts, symbols, fast)
+        if err:
+            return err, out, k
+        out[k] = s
+    if pos != nbits:
+        return E_TRAILING, out, count
+    return OK, out, count
+
+
+@njit(cache=True)
+def _decode_dc(codebook, ilens, istream, inbits, glens, gstream, gnbits, count, out):
+    """Scatter `count` stored entries into `out` (all zeros on entry).
+
+    Returns (err, which stream: 0 index / 1 gap, entry number, bit position)."""
+    err, icounts, isyms, ifast = _table(ilens)
+    if err:
+        return err, 0, 0, 0
+    err, gcounts, gsyms, gfast = _table(glens)
+    if err:
+        return err, 1, 0, 0
+    if inbits > 8 * istream.size or inbits < 0:
+        return E_EXHAUSTED, 0, 0, 0
+    if gnbits > 8 * gstream.size or gnbits < 0:
+        return E_EXHAUSTED, 1, 0, 0
+    n = out.size
+    esc = glens.size - 1
+    ipos = 0
+    gpos = 0
+    last = -1
+    for k in range(count):
+        at = last + 1
+        while True:
+            err, s, gpos = _symbol(gstream, gnbits, gpos, gcounts, gsyms, gfast)
+            if err:
+                return err, 1, k, gpos
+            if s > esc:
+                return E_SYMBOL, 1, k, gpos
+            at += s
+            if at >= n:
+                return E_POSITION, 1, k, gpos
+            if s != esc:
+                break
+        err, s, ipos = _symbol(istream, inbits, ipos, icounts, isyms, ifast)
+        if err:
+            return err, 0, k, ipos
+        if s >= codebook.size:
+            return E_SYMBOL, 0, k, ipos
+        out[at] = codebook[s]
+        last = at
+    if gpos != gnbits:
+        return E_TRAILING, 1, count, gpos
+    if ipos != inbits:
+        return E_TRAILING, 0, count, ipos
+    return OK, 0, count, 0
+
+
+# ------------------------------------------------------------------ payload layout
+
+def layout(payload, size: int) -> dict:
+    """Parse and check the fixed part of an encoding-1 payload for a tensor of `size`
+    elements; the arrays returned view `payload`. Raises CodecError."""
+    total = len(payload)
+    if total < HEADER.size:
+        raise CodecError(f"payload of {total} bytes is shorter than the {HEADER.size}-byte "
+                         "encoding header")
+    b, g, r16, r32, count, inbits, gnbits = HEADER.unpack_from(payload, 0)
+    if not 1 <= b <= MAX_INDEX_BITS:
+        raise CodecError(f"index bits {b} outside 1..{MAX_INDEX_BITS}")
+    if not 1 <= g <= MAX_GAP_BITS:
+        raise CodecError(f"gap bits {g} outside 1..{MAX_GAP_BITS}")
+    if r16 or r32:
+        raise CodecError("reserved header bytes are not zero")
+    if count > size:
+        raise CodecError(f"{count} stored entries for a tensor of {size} elements")
+    k, gsyms = 1 << b, 1 << g
+    ibytes, gbytes = -(-inbits // 8), -(-gnbits // 8)
+    at = HEADER.size
+    parts = {}
+    for name, n in (("codebook", 4 * k), ("index_lengths", k), ("gap_lengths", gsyms),
+                    ("index_stream", ibytes), ("gap_stream", gbytes)):
+        parts[name] = (at, n)
+        at += n
+    if at != total:
+        raise CodecError(f"payload is {total} bytes, but its header describes {at} "
+                         f"(codebook {k}, gap alphabet {gsyms}, streams of {inbits} and "
+                         f"{gnbits} bits)")
+    arr = {name: np.frombuffer(payload, np.uint8, n, off) for name, (off, n) in parts.items()}
+    for name, nbits in (("index_stream", inbits), ("gap_stream", gnbits)):
+        pad = -nbits % 8
+        if pad and arr[name][-1] & ((1 << pad) - 1):
+            raise CodecError(f"{name.replace('_', ' ')} has nonzero padding bits")
+    return {"index_bits": b, "gap_bits": g, "count": count, "index_nbits": inbits,
+            "gap_nbits": gnbits, "codebook": arr["codebook"].view("<f4").astype(np.float32),
+            "index_lengths": arr["index_lengths"], "gap_lengths": arr["gap_lengths"],
+            "index_stream": arr["index_stream"], "gap_stream": arr["gap_stream"]}
+
+
+def decode(payload, shape) -> np.ndarray:
+    """The float32 array of `shape` that an encoding-1 payload stores. Raises CodecError
+    (with a message saying what is wrong) for any malformed payload."""
+    size = int(np.prod(shape, dtype=object))
+    p = layout(payload, size)
+    try:
+        out = np.zeros(size, np.float32)
+    except (MemoryError, ValueError):
+        raise CodecError(f"cannot allocate {size} float32 elements") from None
+    err, which, entry, bit = _decode_dc(p["codebook"], p["index_lengths"], p["index_stream"],
+                                        p["index_nbits"], p["gap_lengths"], p["gap_stream"],
+                                        p["gap_nbits"], p["count"], out)
+    if err:
+        stream = ("index", "gap")[which]
+        raise CodecError(f"corrupt Huffman stream: {_MESSAGES[err]} (the {stream} stream, "
+                         f"entry {entry} of {p['count']}, bit {bit})")
+    return out.reshape(shape)
