@@ -203,21 +203,31 @@ def kmeans_1d(values: np.ndarray, bits: int, iterations: int = KMEANS_ITERATIONS
 
 # ------------------------------------------------------------------ one tensor
 
-def encode_tensor(array: np.ndarray, bits: int) -> tuple[np.ndarray, bytes, dict]:
+def encode_tensor(array: np.ndarray, bits: int,
+                  gap_bits: int | None = None) -> tuple[np.ndarray, bytes, dict]:
     """Quantize and encode one float32 tensor: (dequantized array, encoding-1 payload,
-    statistics). Zeros are pruned positions: kept exactly zero, not stored."""
+    statistics). Zeros are pruned positions: kept exactly zero, not stored. The gap
+    symbol width is chosen to minimise the size unless `gap_bits` is given."""
     if not 1 <= int(bits) <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     bits = int(bits)
     a = np.asarray(array, np.float32)
     flat = a.reshape(-1)
     pos, gaps = gaps_of(flat)
+    distinct = np.unique(flat[pos]).size
+    if distinct < 1 << bits:  # every value fits a smaller codebook exactly
+        bits = max(1, (distinct - 1).bit_length())
     codebook, idx = kmeans_1d(flat[pos], bits)
     deq = np.zeros(flat.size, np.float32)
     deq[pos] = codebook[idx]
     ihist = np.bincount(idx, minlength=1 << bits)
     ilens = huffman_lengths(ihist)
-    g, _, glens = choose_gap_bits(gaps)
+    if gap_bits is None:
+        g, _, glens = choose_gap_bits(gaps)
+    elif 1 <= gap_bits <= MAX_GAP_BITS:
+        g, glens = gap_bits, huffman_lengths(gap_hist(gaps, gap_bits))
+    else:
+        raise ValueError(f"gap_bits must be in 1..{MAX_GAP_BITS}, got {gap_bits}")
     istream, inbits = pack_symbols(idx, ilens)
     gstream, gnbits = pack_symbols(gap_symbols(gaps, g), glens)
     payload = b"".join([HEADER.pack(bits, g, 0, 0, pos.size, inbits, gnbits),
@@ -334,6 +344,10 @@ def compress_graph(graph: Graph, bits: int | None = None, min_size: int = 4096,
         if prune:
             a = prune_magnitude(a, prune)
         deq, payload, stats = encode_tensor(a, b)
+        if len(payload) >= a.nbytes:
+            if log:
+                log(f"{name}: not compressed ({len(payload)} bytes encoded, {a.nbytes} raw)")
+            continue
         deq.flags.writeable = False
         qnb.attach_encoding(deq, qnb.DEEP_COMPRESSION, payload)
         graph.initializers[name] = deq

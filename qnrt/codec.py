@@ -89,29 +89,30 @@ def _table(lengths):
     return OK, counts, symbols, fast
 
 
-@njit(cache=True)
-def _peek(stream, pos, k):
-    """The k <= 24 bits of `stream` starting at bit `pos` (MSB first); bytes past the
-    end read as zero, so peeking never leaves the array."""
-    i = pos >> 3
-    v = 0
-    for j in range(4):
-        v <<= 8
-        if 0 <= i + j < stream.size:
-            v |= stream[i + j]
-    return (v >> (32 - (pos & 7) - k)) & ((1 << k) - 1)
+# A bit reader is the state (buffer, bits in it, next byte). The buffer holds at most
+# 56 bits, so it stays a nonnegative int64; bytes past the end of the stream read as
+# zero, so refilling never leaves the array, and the bits consumed so far are
+# 8 * next byte - bits in the buffer.
 
-
-@njit(cache=True)
-def _symbol(stream, nbits, pos, counts, symbols, fast):
-    """Decode one symbol at bit `pos`: returns (err, symbol, new pos)."""
-    e = fast[_peek(stream, pos, FAST_BITS)]
+@njit(cache=True, inline="always")
+def _symbol(stream, nbits, buf, cnt, i, counts, symbols, fast):
+    """Decode one symbol: returns (err, symbol, buf, cnt, i), the reader advanced past
+    the symbol on success."""
+    while cnt <= 48:
+        buf <<= 8
+        if i < stream.size:
+            buf |= stream[i]
+        i += 1
+        cnt += 8
+    left = nbits - (8 * i - cnt)
+    e = fast[(buf >> (cnt - FAST_BITS)) & ((1 << FAST_BITS) - 1)]
     if e >= 0:
         n = e & 31
-        if pos + n > nbits:
-            return E_EXHAUSTED, 0, pos
-        return OK, e >> 5, pos + n
-    bits = _peek(stream, pos, MAX_CODE_LEN)
+        if n > left:
+            return E_EXHAUSTED, 0, buf, cnt, i
+        cnt -= n
+        return OK, e >> 5, buf & ((1 << cnt) - 1), cnt, i
+    bits = (buf >> (cnt - MAX_CODE_LEN)) & ((1 << MAX_CODE_LEN) - 1)
     code = 0
     first = 0
     index = 0
@@ -119,15 +120,16 @@ def _symbol(stream, nbits, pos, counts, symbols, fast):
         code |= (bits >> (MAX_CODE_LEN - n)) & 1
         count = counts[n]
         if code - first < count:  # code >= first always holds
-            if pos + n > nbits:
-                return E_EXHAUSTED, 0, pos
-            return OK, symbols[index + code - first], pos + n
+            if n > left:
+                return E_EXHAUSTED, 0, buf, cnt, i
+            cnt -= n
+            return OK, symbols[index + code - first], buf & ((1 << cnt) - 1), cnt, i
         index += count
         first = (first + count) << 1
         code <<= 1
-    if pos + MAX_CODE_LEN > nbits:
-        return E_EXHAUSTED, 0, pos
-    return E_INVALID, 0, pos
+    if MAX_CODE_LEN > left:
+        return E_EXHAUSTED, 0, buf, cnt, i
+    return E_INVALID, 0, buf, cnt, i
 
 
 @njit(cache=True)
@@ -140,13 +142,13 @@ def huffman_decode(lengths, stream, nbits, count):
         return err, out, 0
     if nbits > 8 * stream.size or nbits < 0:
         return E_EXHAUSTED, out, 0
-    pos = 0
+    buf, cnt, i = 0, 0, 0
     for k in range(count):
-        err, s, pos = _symbol(stream, nbits, pos, counts, symbols, fast)
+        err, s, buf, cnt, i = _symbol(stream, nbits, buf, cnt, i, counts, symbols, fast)
         if err:
             return err, out, k
         out[k] = s
-    if pos != nbits:
+    if 8 * i - cnt != nbits:
         return E_TRAILING, out, count
     return OK, out, count
 
@@ -168,33 +170,33 @@ def _decode_dc(codebook, ilens, istream, inbits, glens, gstream, gnbits, count, 
         return E_EXHAUSTED, 1, 0, 0
     n = out.size
     esc = glens.size - 1
-    ipos = 0
-    gpos = 0
+    ib, ic, ii = 0, 0, 0  # the two bit readers
+    gb, gc, gi = 0, 0, 0
     last = -1
     for k in range(count):
         at = last + 1
         while True:
-            err, s, gpos = _symbol(gstream, gnbits, gpos, gcounts, gsyms, gfast)
+            err, s, gb, gc, gi = _symbol(gstream, gnbits, gb, gc, gi, gcounts, gsyms, gfast)
             if err:
-                return err, 1, k, gpos
+                return err, 1, k, 8 * gi - gc
             if s > esc:
-                return E_SYMBOL, 1, k, gpos
+                return E_SYMBOL, 1, k, 8 * gi - gc
             at += s
             if at >= n:
-                return E_POSITION, 1, k, gpos
+                return E_POSITION, 1, k, 8 * gi - gc
             if s != esc:
                 break
-        err, s, ipos = _symbol(istream, inbits, ipos, icounts, isyms, ifast)
+        err, s, ib, ic, ii = _symbol(istream, inbits, ib, ic, ii, icounts, isyms, ifast)
         if err:
-            return err, 0, k, ipos
+            return err, 0, k, 8 * ii - ic
         if s >= codebook.size:
-            return E_SYMBOL, 0, k, ipos
+            return E_SYMBOL, 0, k, 8 * ii - ic
         out[at] = codebook[s]
         last = at
-    if gpos != gnbits:
-        return E_TRAILING, 1, count, gpos
-    if ipos != inbits:
-        return E_TRAILING, 0, count, ipos
+    if 8 * gi - gc != gnbits:
+        return E_TRAILING, 1, count, 8 * gi - gc
+    if 8 * ii - ic != inbits:
+        return E_TRAILING, 0, count, 8 * ii - ic
     return OK, 0, count, 0
 
 
@@ -253,6 +255,7 @@ def decode(payload, shape) -> np.ndarray:
                                         p["gap_nbits"], p["count"], out)
     if err:
         stream = ("index", "gap")[which]
-        raise CodecError(f"corrupt Huffman stream: {_MESSAGES[err]} (the {stream} stream, "
-                         f"entry {entry} of {p['count']}, bit {bit})")
+        where = (f"the {stream} stream's table" if err in (E_LENGTH, E_KRAFT) else
+                 f"the {stream} stream, entry {entry} of {p['count']}, bit {bit}")
+        raise CodecError(f"corrupt Huffman stream: {_MESSAGES[err]} ({where})")
     return out.reshape(shape)

@@ -4,6 +4,7 @@ allocate -> prepare -> run) and must match ORT's one-node model."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -17,8 +18,8 @@ from qnrt.graph import GraphError, Node
 from qnrt.ops import conv as conv_mod
 from qnrt.ops import get_op, supported_ops
 
-FAST = settings(max_examples=30, deadline=None)
-SOME = settings(max_examples=15, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
+SOME = settings(max_examples=20, deadline=None)
 
 
 # --- harness -----------------------------------------------------------------
@@ -139,7 +140,8 @@ def test_conv(case):
 
 ACTIVATIONS = [("Relu", {}), ("PRelu", {}), ("Clip", {"min": -0.5, "max": 1.5}),
                ("Sigmoid", {}), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("HardSwish", {}),
-               ("LeakyRelu", {"alpha": 0.07}), ("HardSigmoid", {}), ("LeakyRelu", {}), ("", {})]
+               ("LeakyRelu", {"alpha": 0.07}), ("HardSigmoid", {}), ("LeakyRelu", {}), ("Tanh", {}),
+               ("", {})]
 
 
 @FAST
@@ -158,18 +160,15 @@ def test_conv_fused_activation(case, act, slope_is_scalar):
                             ("activation_min", "min"), ("activation_max", "max")):
         if onnx_name in params:
             fused[ours] = params[onnx_name]
-    consts = {"w": wt, "b": bias if bias is not None else np.zeros(0, np.float32)}
-    names = ["x", "w", "b" if bias is not None else ""]
-    if kind == "PRelu":
+    inits = {"w": wt} if bias is None else {"w": wt, "b": bias}
+    consts, names = dict(inits), ["x", "w", "b" if bias is not None else ""]
+    if kind == "PRelu":  # input 3, after a possibly omitted bias
         consts["slope"] = slope
         names.append("slope")
-    if bias is None:
-        del consts["b"]
     ours = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
     with depthwise_rows():
         rows = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
 
-    inits = {"w": wt} if bias is None else {"w": wt, "b": bias}
     nodes = [helper.make_node("Conv", ["x", *inits], ["c" if kind else "y"], **attrs)]
     if kind == "PRelu":
         inits["slope"] = slope.reshape(cout, 1, 1)
@@ -197,6 +196,21 @@ def test_conv_quicknet_shapes():
             ref = check("Conv", {"x": x}, {"w": wt, "b": b}, attrs)
             with depthwise_rows():
                 close(run_qnrt("Conv", {"x": x}, {"w": wt, "b": b}, attrs)[0], ref)
+
+
+def test_conv_runtime_weights():
+    """W, B and a fused PRelu slope may also arrive at run time (not consts)."""
+    rng = np.random.default_rng(3)
+    for xs, ws, g, p in [((1, 6, 5, 5), (4, 6, 1, 1), 1, 0), ((2, 6, 5, 7), (6, 1, 3, 3), 6, 1),
+                         ((1, 6, 5, 5), (12, 1, 3, 3), 6, 1), ((1, 6, 6, 5), (4, 3, 2, 3), 2, 1)]:
+        inputs = {"x": rand(rng, xs), "w": rand(rng, ws), "b": rand(rng, (ws[0],))}
+        attrs = {"group": g, "pads": [p] * 4}
+        ref = check("Conv", dict(inputs), attrs=attrs)
+        with depthwise_rows():
+            close(run_qnrt("Conv", dict(inputs), attrs=attrs)[0], ref)
+        slope = rand(rng, (ws[0],))
+        fused = run_qnrt("Conv", dict(inputs, s=slope), attrs=dict(attrs, activation="PRelu"))[0]
+        close(fused, np.where(ref >= 0, ref, ref * slope[:, None, None]))
 
 
 def test_conv_no_big_allocations():
@@ -249,7 +263,9 @@ def pool_cases(draw):
         attrs["ceil_mode"] = 0
         assume(h >= d[0] * (k[0] - 1) + 1 and w >= d[1] * (k[1] - 1) + 1)
         if auto != "VALID":  # ORT refuses negative SAME pads (we clamp them to 0) and
-            # pads >= kernel (as we do)
+            # pads >= kernel (as we do); it ignores dilations when sizing SAME pads
+            d = [1, 1]
+            attrs.pop("dilations", None)
             need = [(-(-x // st_) - 1) * st_ + dd * (kk - 1) + 1 - x
                     for x, st_, dd, kk in zip((h, w), s, d, k)]
             assume(all(0 <= p < kk for p, kk in zip(need, k)))
@@ -262,6 +278,18 @@ def pool_cases(draw):
 def test_pool(case):
     op, x, attrs = case
     check(op, {"x": x}, attrs=attrs)
+
+
+def test_pool_quicknet_shapes():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 8, 32, 32), (2, 3, 7, 9), (1, 4, 3, 5), (1, 16, 2, 2)]:
+        x = rand(rng, shape)
+        for ceil in (0, 1):
+            for op in ("MaxPool", "AveragePool"):
+                check(op, {"x": x}, attrs={"kernel_shape": [2, 2], "strides": [2, 2],
+                                           "ceil_mode": ceil})
+        check("MaxPool", {"x": x}, attrs={"kernel_shape": [3, 3], "strides": [2, 2],
+                                          "pads": [1, 1, 1, 1]})
 
 
 @SOME
@@ -295,6 +323,8 @@ def test_clip(shape, has_min, has_max, seed):
     consts = {k: v for k, v, use in (("lo", lo, has_min), ("hi", hi, has_max)) if use}
     names = ["x", "lo" if has_min else "", "hi" if has_max else ""]
     ours = check("Clip", {"x": x}, consts, names=names)
+    # bounds arriving at run time
+    close(run_qnrt("Clip", {"x": x, **consts}, names=names)[0], ours)
     # opset 6 form: bounds as attributes
     attrs = {k: float(v) for k, v, use in (("min", lo, has_min), ("max", hi, has_max)) if use}
     close(run_qnrt("Clip", {"x": x}, attrs=attrs)[0], ours)
@@ -432,6 +462,15 @@ def test_transpose(shape, data):
         check("Transpose", {"x": x}, attrs=attrs)
     else:
         check("Transpose", {}, {"x": x}, attrs=attrs)
+
+
+def test_transpose_larger():
+    """Shapes big enough for the blocked (8-line strip) transpose loop."""
+    rng = np.random.default_rng(0)
+    for shape in [(1, 16, 9, 13), (3, 20, 9), (2, 3, 17, 4, 5)]:
+        x = rand(rng, shape)
+        for perm in itertools.islice(itertools.permutations(range(len(shape))), 30):
+            check("Transpose", {"x": x}, attrs={"perm": list(perm)})
 
 
 @FAST

@@ -2,8 +2,9 @@
 capture, and the Numba kernels several ops reuse (activation, broadcasting
 binary loop, strided copy).
 
-Numba kernels take contiguous float32 arrays, int64 ints and float64 scalars
-only, so each compiles to one specialization (cheap cold start with cache).
+Numba kernels take C-contiguous float32 arrays (plus int64 index tables),
+int64 ints and float64 scalars only, so each compiles to one specialization
+(cheap cold start with cache).
 """
 from __future__ import annotations
 
@@ -113,6 +114,15 @@ def window_geometry(node, spatial, kernel, strides, dilations, ceil_mode=False):
     return begin, end, out
 
 
+@njit
+def valid_range(start, step, n, size):
+    """[lo, hi): the j in [0, n) with 0 <= start + j * step < size."""
+    lo = 0 if start >= 0 else (step - 1 - start) // step
+    last = size - 1 - start
+    hi = min(n, last // step + 1) if last >= 0 else 0
+    return min(lo, hi), hi
+
+
 # --- activations -------------------------------------------------------------
 
 # codes shared by the unary ops and Conv's fused epilogue
@@ -120,7 +130,7 @@ ACT_CODES = {"": 0, "Relu": 1, "PRelu": 2, "Clip": 3, "Sigmoid": 4, "HardSigmoid
              "HardSwish": 6, "LeakyRelu": 7, "Tanh": 8}
 
 
-def activation_params(node, kind, alpha=None, beta=None, lo=None, hi=None):
+def activation_params(kind, alpha=None, beta=None, lo=None, hi=None):
     """(a, b) float64 parameters of activation `kind` with ONNX defaults."""
     if kind == "Clip":
         return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
@@ -312,20 +322,37 @@ def binary6(a, sa, b, sb, y, shape, op):
 
 
 @njit
+def _copy2(src, dst, n4, n5, s4, s5, d4, d5):
+    """2-D strided block copy (offsets already applied by slicing)."""
+    if s5 == 1 and d5 == 1:
+        for i4 in range(n4):
+            s, d = src[i4 * s4:], dst[i4 * d4:]
+            for k in range(n5):
+                d[k] = s[k]
+    elif s4 == 1 and d5 == 1 and n4 >= 8:  # a transpose: strips of 8 source lines
+        for i0 in range(0, n4 - 7, 8):
+            for k in range(n5):
+                s, d = src[i0 + k * s5:], dst[i0 * d4 + k:]
+                for i in range(8):
+                    d[i * d4] = s[i]
+        for i4 in range(n4 - n4 % 8, n4):
+            s, d = src[i4:], dst[i4 * d4:]
+            for k in range(n5):
+                d[k] = s[k * s5]
+    else:
+        for i4 in range(n4):
+            s, d = src[i4 * s4:], dst[i4 * d4:]
+            for k in range(n5):
+                d[k * d5] = s[k * s5]
+
+
+@njit
 def copy6(src, soff, ss, dst, doff, ds, shape):
     """dst[doff + i.ds] = src[soff + i.ss] over a MAX_RANK-dim index space."""
-    n5, s5, d5 = shape[5], ss[5], ds[5]
     for i0 in range(shape[0]):
         for i1 in range(shape[1]):
             for i2 in range(shape[2]):
                 for i3 in range(shape[3]):
-                    for i4 in range(shape[4]):
-                        i = soff + i0 * ss[0] + i1 * ss[1] + i2 * ss[2] + i3 * ss[3] + i4 * ss[4]
-                        o = doff + i0 * ds[0] + i1 * ds[1] + i2 * ds[2] + i3 * ds[3] + i4 * ds[4]
-                        s, d = src[i:], dst[o:]
-                        if s5 == 1 and d5 == 1:
-                            for k in range(n5):
-                                d[k] = s[k]
-                        else:
-                            for k in range(n5):
-                                d[k * d5] = s[k * s5]
+                    i = soff + i0 * ss[0] + i1 * ss[1] + i2 * ss[2] + i3 * ss[3]
+                    o = doff + i0 * ds[0] + i1 * ds[1] + i2 * ds[2] + i3 * ds[3]
+                    _copy2(src[i:], dst[o:], shape[4], shape[5], ss[4], ss[5], ds[4], ds[5])

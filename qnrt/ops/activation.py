@@ -44,7 +44,7 @@ def prepare(node, in_shapes, out_shapes, consts):
             b = hi if hi is not None else float(ins[2].reshape(-1)[0])
             unary(ins[0].reshape(-1), outs[0].reshape(-1), code, a, b)
         return Kernel(run)
-    a, b = activation_params(node, node.op, node.attrs.get("alpha"), node.attrs.get("beta"))
+    a, b = activation_params(node.op, node.attrs.get("alpha"), node.attrs.get("beta"))
     size = int(np.prod(x))
 
     def run(ins, outs, workspace):

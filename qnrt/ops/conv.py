@@ -5,8 +5,9 @@ Extra attrs (set by the fusion pass): `activation` in ACT_CODES, with
 `activation_min`/`activation_max` (Clip); for PRelu the per-output-channel
 slope is input 3.
 
-Three paths: pointwise 1x1 (one BLAS matmul per image), depthwise (direct
-Numba loop), and the general one (im2col tiles in the workspace + matmul).
+Paths: pointwise 1x1 (one BLAS matmul per image), depthwise (direct Numba
+loops: channels-last for small planes, per-row otherwise), and the general one
+(im2col tiles in the workspace + matmul).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from . import Kernel, register
 from ._common import (ACT_CODES, act_row, act_vec, activation_params, attr_ints, attr_str,
                       const_of, epilogue, fail, has_input, njit, numba_const, window_geometry)
+from ._common import valid_range as _valid
 
 WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
 MIN_TILE = 64  # columns; BLAS gets inefficient below this
@@ -57,9 +59,9 @@ def infer(node, in_shapes, consts):
 
 def _epilogue_params(node, in_shapes, consts, cout):
     kind = attr_str(node, "activation", "")
-    if kind not in ACT_CODES or kind == "Tanh":
+    if kind not in ACT_CODES:
         fail(node, f"unsupported fused activation '{kind}'")
-    a, b = activation_params(node, kind, node.attrs.get("activation_alpha"),
+    a, b = activation_params(kind, node.attrs.get("activation_alpha"),
                              node.attrs.get("activation_beta"),
                              node.attrs.get("activation_min"), node.attrs.get("activation_max"))
     bias = slope = None
@@ -78,18 +80,12 @@ def _epilogue_params(node, in_shapes, consts, cout):
 def prepare(node, in_shapes, out_shapes, consts):
     g = _geometry(node, in_shapes)
     infer(node, in_shapes, consts)
-    n, cin, cout, group = g["n"], g["cin"], g["cout"], g["group"]
-    kh, kw, oh, ow = g["kh"], g["kw"], g["oh"], g["ow"]
-    (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
+    n, cout, oh, ow = g["n"], g["cout"], g["oh"], g["ow"]
     if tuple(out_shapes[0]) != (n, cout, oh, ow):
         fail(node, f"output shape {out_shapes[0]} != {(n, cout, oh, ow)}")
     kind, a, b, bias_c, slope_c = _epilogue_params(node, in_shapes, consts, cout)
     zeros = np.zeros(cout, np.float32)
-    has_bias, has_epi = has_input(node, 2), has_input(node, 2) or kind != 0
-
-    w_c = const_of(node, 1, consts)
-    if w_c is not None:
-        w_c = np.ascontiguousarray(w_c, dtype=np.float32)
+    has_bias = has_input(node, 2)
 
     def side(ins):  # bias and slope: captured consts, run-time inputs, or zeros
         bias = bias_c if bias_c is not None else (ins[2].reshape(-1) if has_bias else zeros)
@@ -98,59 +94,82 @@ def prepare(node, in_shapes, out_shapes, consts):
         s = ins[3].reshape(-1)
         return bias, (s if s.size == cout else np.full(cout, s[0], np.float32))
 
-    hw, ohw = g["h"] * g["w"], oh * ow
-    pointwise = (kh == kw == 1 and sh == sw == 1 and group == 1
-                 and g["begin"] == [0, 0] and g["end"] == [0, 0])
-    if pointwise:
-        w2 = w_c.reshape(cout, cin) if w_c is not None else None
+    w_c = const_of(node, 1, consts)
+    w_c = None if w_c is None else np.ascontiguousarray(w_c, dtype=np.float32)
+    epi = (kind, a, b, has_bias or kind != 0)
+    if (g["kh"] == g["kw"] == 1 and g["strides"] == [1, 1] and g["group"] == 1
+            and g["begin"] == g["end"] == [0, 0]):
+        return _pointwise(g, w_c, side, epi)
+    if g["group"] == g["cin"] and g["cg"] == 1:
+        return _depthwise_kernel(g, w_c, side, epi)
+    return _general(g, w_c, side, epi)
+
+
+def _pointwise(g, w_c, side, epi):
+    """1x1 stride 1: Y[n] = W (Cout, Cin) @ X[n] (Cin, HW) in BLAS, then the epilogue."""
+    n, cin, cout, hw = g["n"], g["cin"], g["cout"], g["h"] * g["w"]
+    kind, a, b, has_epi = epi
+    w2 = w_c.reshape(cout, cin) if w_c is not None else None
+
+    def run(ins, outs, workspace):
+        x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
+        wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
+        bias, slope = side(ins)
+        for i in range(n):
+            np.matmul(wm, x3[i], out=y3[i])
+            if has_epi:
+                epilogue(y3[i], 0, cout, 0, hw, bias, slope, kind, a, b)
+    return Kernel(run)
+
+
+def _depthwise_kernel(g, w_c, side, epi):
+    """group == Cin: small planes go channels-last, 3x3/s1/p1 has its own row
+    kernel, anything else the general row kernel."""
+    cin, cout, kh, kw, oh, ow = g["cin"], g["cout"], g["kh"], g["kw"], g["oh"], g["ow"]
+    (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
+    kind, a, b, _ = epi
+    mult, hw, ohw = cout // cin, g["h"] * g["w"], oh * ow
+    nhwc_bytes = ((hw + 1) * cin + ohw * cin) * 4
+    if mult == 1 and ow < NHWC_MAX_WIDTH and nhwc_bytes <= NHWC_MAX_BYTES:
+        taps = _nhwc_taps(g["h"], g["w"], oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+
+        def weights_t(w):  # (K3, C), zero rows for the padding taps
+            wt = np.zeros((taps.shape[1], cout), np.float32)
+            wt[:kh * kw] = w.reshape(cout, kh * kw).T
+            return wt
+        wt_c = weights_t(w_c) if w_c is not None else None
 
         def run(ins, outs, workspace):
-            x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
-            wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
             bias, slope = side(ins)
-            for i in range(n):
-                np.matmul(wm, x3[i], out=y3[i])
-                if has_epi:
-                    epilogue(y3[i], 0, cout, 0, hw, bias, slope, kind, a, b)
-        return Kernel(run)
+            ws = workspace[:nhwc_bytes].view(np.float32)
+            _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
+                     slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
+                     ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b)
+        return Kernel(run, workspace=nhwc_bytes)
 
-    if group == cin and cg_is_one(g):
-        mult = cout // cin
-        wd = numba_const(w_c) if w_c is not None else None
-
-        nhwc_bytes = ((hw + 1) * cin + ohw * cin) * 4
-        if mult == 1 and ow < NHWC_MAX_WIDTH and nhwc_bytes <= NHWC_MAX_BYTES:
-            taps = _nhwc_taps(g["h"], g["w"], oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
-
-            def weights_t(w):  # (K3, C), zero rows for the padding taps
-                wt = np.zeros((taps.shape[1], cout), np.float32)
-                wt[:kh * kw] = w.reshape(cout, kh * kw).T
-                return wt
-            wt_c = weights_t(w_c) if w_c is not None else None
-
-            def run(ins, outs, workspace):
-                bias, slope = side(ins)
-                ws = workspace[:nhwc_bytes].view(np.float32)
-                _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
-                         slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
-                         ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b)
-            return Kernel(run, workspace=nhwc_bytes)
-
-        if (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1) and g["begin"] == g["end"] == [1, 1]:
-            def run(ins, outs, workspace):
-                bias, slope = side(ins)
-                _dw3x3(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
-                       kind, a, b)
-            return Kernel(run)
-
+    wd = numba_const(w_c) if w_c is not None else None
+    if (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1) and g["begin"] == g["end"] == [1, 1]:
         def run(ins, outs, workspace):
             bias, slope = side(ins)
-            _depthwise(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
-                       sh, sw, ph, pw, dh, dw, kind, a, b)
+            _dw3x3(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
+                   kind, a, b)
         return Kernel(run)
 
-    # general: im2col over tiles of output columns, one matmul per group and tile
-    cg, mg, kk = g["cg"], cout // group, g["cg"] * kh * kw
+    def run(ins, outs, workspace):
+        bias, slope = side(ins)
+        _depthwise(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
+                   sh, sw, ph, pw, dh, dw, kind, a, b)
+    return Kernel(run)
+
+
+def _general(g, w_c, side, epi):
+    """Any group/kernel/stride/pad/dilation: im2col over tiles of output
+    columns in the workspace, one matmul per group and tile, then the epilogue
+    on the tile while it is in cache."""
+    n, cout, group, kh, kw, ow = g["n"], g["cout"], g["group"], g["kh"], g["kw"], g["ow"]
+    (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
+    kind, a, b, has_epi = epi
+    cg, mg, kk, ohw = g["cg"], cout // group, g["cg"] * kh * kw, g["oh"] * ow
     tile = min(ohw, max(MIN_TILE, WORKSPACE_BUDGET // (4 * kk)))
     wg = w_c.reshape(group, mg, kk) if w_c is not None else None
 
@@ -169,19 +188,6 @@ def prepare(node, in_shapes, out_shapes, consts):
                 if has_epi:
                     epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
     return Kernel(run, workspace=kk * tile * 4)
-
-
-def cg_is_one(g):
-    return g["cg"] == 1 and g["cout"] % g["cin"] == 0
-
-
-@njit
-def _valid(start, step, n, size):
-    """[lo, hi): the j in [0, n) with 0 <= start + j * step < size."""
-    lo = 0 if start >= 0 else (step - 1 - start) // step
-    last = size - 1 - start
-    hi = min(n, last // step + 1) if last >= 0 else 0
-    return min(lo, hi), hi
 
 
 @njit

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Kernel, register
-from ._common import fail, njit
+from ._common import fail
 
 
 def infer(node, in_shapes, consts):
@@ -20,27 +20,15 @@ def prepare(node, in_shapes, out_shapes, consts):
     rows, size = int(x[0] * x[1]), int(np.prod(x[2:]))
     if size < 1:
         fail(node, f"empty spatial dims in {x}")
-    is_max = node.op == "GlobalMaxPool"
+    reduce = np.maximum.reduce if node.op == "GlobalMaxPool" else np.add.reduce
+    scale = np.float32(1.0 / size) if node.op == "GlobalAveragePool" else None
 
-    def run(ins, outs, workspace):
-        _reduce(ins[0].reshape(rows, size), outs[0].reshape(rows), is_max)
+    def run(ins, outs, workspace):  # numpy's reductions: vectorized, pairwise sums
+        y = outs[0].reshape(rows)
+        reduce(ins[0].reshape(rows, size), axis=1, out=y)
+        if scale is not None:
+            np.multiply(y, scale, out=y)
     return Kernel(run)
-
-
-@njit
-def _reduce(x, y, is_max):
-    for r in range(x.shape[0]):
-        row = x[r]
-        if is_max:
-            m = row[0]
-            for v in row[1:]:
-                m = max(m, v)
-            y[r] = m
-        else:
-            s = 0.0  # float64 accumulation: planes can be large
-            for v in row:
-                s += v
-            y[r] = s / row.size
 
 
 register(["GlobalAveragePool", "GlobalMaxPool"], infer, prepare)

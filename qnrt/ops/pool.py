@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Kernel, register
-from ._common import attr_ints, fail, njit, window_geometry
+from ._common import attr_ints, fail, njit, valid_range as _valid, window_geometry
 
 
 def _geometry(node, in_shapes):
@@ -32,52 +32,76 @@ def infer(node, in_shapes, consts):
     return [(in_shapes[0][0], in_shapes[0][1], out[0], out[1])]
 
 
+def _counts(n, out, k, s, d, pb, pe, include_pad):
+    """Taps of each window (along one dim) inside the image, or inside the
+    padded image with count_include_pad; windows are separable, so an
+    AveragePool divisor is count_h[oh] * count_w[ow]."""
+    lo, hi = (-pb, n + pe) if include_pad else (0, n)
+    start = np.arange(out)[:, None] * s - pb + np.arange(k)[None, :] * d
+    return np.maximum(((start >= lo) & (start < hi)).sum(1), 1).astype(np.float32)
+
+
 def prepare(node, in_shapes, out_shapes, consts):
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw), (eh, ew), out = _geometry(node, in_shapes)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw), (eh, ew), (oh, ow) = _geometry(node, in_shapes)
     if tuple(out_shapes[0]) != tuple(infer(node, in_shapes, consts)[0]):
         fail(node, f"output shape {out_shapes[0]} does not match the input")
     is_max = node.op == "MaxPool"
-    include_pad = int(node.attrs.get("count_include_pad", 0))
+    inc = int(node.attrs.get("count_include_pad", 0))
+    h, w = in_shapes[0][2:]
+    cnt_h, cnt_w = _counts(h, oh, kh, sh, dh, ph, eh, inc), _counts(w, ow, kw, sw, dw, pw, ew, inc)
+
+    if (is_max and (kh, kw, sh, sw, dh, dw, ph, pw) == (2, 2, 2, 2, 1, 1, 0, 0)
+            and 2 * oh <= h and 2 * ow <= w):  # (ceil_mode may add a partial window)
+        def run(ins, outs, workspace):  # QuickNet's pool: one pass per output row
+            _max2x2(ins[0].reshape(-1, h, w), outs[0].reshape(-1, oh, ow))
+        return Kernel(run)
 
     def run(ins, outs, workspace):
-        _pool(ins[0], outs[0], kh, kw, sh, sw, ph, pw, eh, ew, dh, dw, is_max, include_pad)
+        _pool(ins[0], outs[0], kh, kw, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w)
     return Kernel(run)
 
 
 @njit
-def _pool(x, y, kh_, kw_, sh, sw, ph, pw, eh, ew, dh, dw, is_max, include_pad):
+def _max2x2(x, y):
+    """MaxPool 2x2 stride 2 without padding over (planes, H, W) views."""
+    for p in range(x.shape[0]):
+        for oh in range(y.shape[1]):
+            r0, r1, out = x[p, 2 * oh], x[p, 2 * oh + 1], y[p, oh]
+            for j in range(y.shape[2]):
+                out[j] = max(max(r0[2 * j], r0[2 * j + 1]), max(r1[2 * j], r1[2 * j + 1]))
+
+
+@njit
+def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
+    """Each output row combines, tap by tap, the column range where the tap is
+    inside the image (padding never wins a max and adds 0 to a sum)."""
     n_, c_, h, w = x.shape
     oh_, ow_ = y.shape[2], y.shape[3]
     for n in range(n_):
         for c in range(c_):
             xc, yc = x[n, c], y[n, c]
             for oh in range(oh_):
-                h0 = oh * sh - ph
-                for ow in range(ow_):
-                    w0 = ow * sw - pw
-                    acc = np.float32(-np.inf) if is_max else np.float32(0)
-                    count = 0  # taps inside the image
-                    padded = 0  # taps inside the padded image
-                    for kh in range(kh_):
-                        ih = h0 + kh * dh
-                        if ih < -ph or ih >= h + eh:
-                            continue
-                        for kw in range(kw_):
-                            iw = w0 + kw * dw
-                            if iw < -pw or iw >= w + ew:
-                                continue
-                            padded += 1
-                            if 0 <= ih < h and 0 <= iw < w:
-                                count += 1
-                                v = xc[ih, iw]
-                                if is_max:
-                                    if v > acc:
-                                        acc = v
-                                else:
-                                    acc += v
-                    if not is_max:
-                        acc = acc / np.float32(padded if include_pad else max(count, 1))
-                    yc[oh, ow] = acc
+                row = yc[oh]
+                row[:] = -np.inf if is_max else 0
+                for kh in range(kh_):
+                    ih = oh * sh - ph + kh * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    xr = xc[ih]
+                    for kw in range(kw_):
+                        off = kw * dw - pw
+                        lo, hi = _valid(off, sw, ow_, w)
+                        dst, src = row[lo:hi], xr[lo * sw + off:]
+                        if is_max:
+                            for j in range(hi - lo):
+                                dst[j] = max(dst[j], src[j * sw])
+                        else:
+                            for j in range(hi - lo):
+                                dst[j] += src[j * sw]
+                if not is_max:
+                    ch = cnt_h[oh]
+                    for j in range(ow_):
+                        row[j] /= ch * cnt_w[j]
 
 
 register(["MaxPool", "AveragePool"], infer, prepare)
