@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from qnrt import format as qnb
+from qnrt.rewrite import optimize
 from qnrt.graph import Graph, Node
 
 MAX_CODE_LEN = 24           # as qnrt.codec.MAX_CODE_LEN
@@ -386,7 +387,7 @@ def compress_file(src, dst, bits: int | None = None, log=print, *, min_size: int
     """Load `src` (.qnb), compress its weights, write `dst` (.qnb with encoding-1
     tensors); logs the per-stage size table and returns the report, which also has
     "file": {"source", "fp32", "compressed"} sizes in bytes."""
-    graph = qnb.load(src)
+    graph = optimize(qnb.load(src))  # fold batch norm first: quantize the weights that run
     report = compress_graph(graph, bits=bits, min_size=min_size, bits_for=bits_for,
                             prune=prune)
     size = qnb.save(graph, dst)

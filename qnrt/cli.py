@@ -13,6 +13,7 @@ EPILOG = """examples:
   qnrt run model.qnb cat.png --top 3 --json                top-3 as JSON lines
   qnrt info model.qnb --input-shape 1,3,224,224            graph, parameters, planned arena
   qnrt convert model.onnx model.qnb --input-shape 1,3,32,32 --labels labels.txt
+  qnrt compress model.qnb model_dc.qnb                     Deep Compression, decoded at load
 """
 
 
@@ -151,6 +152,16 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    try:
+        from exporters.compress import compress_file
+    except ImportError as exc:
+        raise CliError(f"qnrt compress needs the exporters package ({exc})") from None
+    compress_file(args.input, args.output, bits=args.bits, prune=args.prune,
+                  log=lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qnrt", description="Run QuickNet-style CNNs from .qnb files on small devices.",
@@ -186,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preprocessing metadata, e.g. size=32,32 mean=0.5,0.5,0.5 "
                            "std=0.5,0.5,0.5 mode=RGB scale=0.00392 (repeatable)")
     conv.set_defaults(func=cmd_convert)
+
+    comp = sub.add_parser("compress", help="Deep Compression: k-means weight sharing + Huffman",
+                          description="Quantize each large weight tensor to a per-layer codebook "
+                                      "(k-means), Huffman-code the indices and the gaps between "
+                                      "non-zeros, and write a .qnb the runtime decodes at load. "
+                                      "Prune first (tools/train.py --prune) for the full effect.")
+    comp.add_argument("input", help="the .qnb to compress")
+    comp.add_argument("output", help="the compressed .qnb to write")
+    comp.add_argument("--bits", type=int, choices=range(1, 9), metavar="N",
+                      help="codebook bits for every tensor (default: 5 for 1x1 and dense "
+                           "weights, 8 for depthwise and 3x3)")
+    comp.add_argument("--prune", type=float, metavar="F",
+                      help="also magnitude-prune this fraction of each weight tensor (no "
+                           "fine-tuning; accuracy drops: prefer pruning in training)")
+    comp.set_defaults(func=cmd_compress)
     return parser
 
 
@@ -203,7 +229,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except FileNotFoundError as exc:
         print(f"qnrt: error: {exc.filename or exc}: no such file", file=sys.stderr)
-    except (CliError, FormatError, GraphError, ImageError, InvalidArgument) as exc:
+    except (CliError, FormatError, GraphError, ImageError, InvalidArgument, ValueError) as exc:
         print(f"qnrt: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("qnrt: interrupted", file=sys.stderr)

@@ -141,6 +141,27 @@ def test_magnitude_pruning_per_layer():
         assert abs(zeros - round(0.5 * p.numel())) <= 1, name
     assert abs(train.conv_sparsity(model) - 0.5) < 0.01
 
+    model = train.QuickNet(0.125)
+    ones = train.magnitude_masks(model, 0.75, "1x1")
+    assert set(ones) == {n for n in train.conv_weights(model)
+                         if n.endswith((".pw.weight", "head.conv.weight"))}
+    train.apply_masks(model, ones)
+    assert abs(train.conv_sparsity(model, "1x1") - 0.75) < 0.01
+    assert int((model.layers["sep1"].dw.weight == 0).sum()) == 0
+    assert train.cubic_sparsity(0.8, 0.0) == 0.0 and train.cubic_sparsity(0.8, 1.0) == 0.8
+
+
+def test_recalibrate_bn_matches_batch_statistics():
+    model = train.QuickNet(0.125)
+    images = datasets.digits_split()[0][:40]
+    train.recalibrate_bn(model, images, batch_size=40)
+    x = torch.from_numpy(datasets.to_array(images))
+    with torch.no_grad():
+        h = model.layers["stem"].conv(x)
+    bn = model.layers["stem"].bn
+    np.testing.assert_allclose(bn.running_mean.numpy(), h.mean(dim=(0, 2, 3)).numpy(), atol=1e-5)
+    assert bn.momentum == 0.01 and not model.training
+
 
 # ---------------------------------------------------------------- data
 def test_digits_split_deterministic_and_stratified():
@@ -229,7 +250,7 @@ def test_cli_digits_one_epoch_then_prune_from_init(tmp_path):
                        "--init-npz", str(out), "--prune", "0.5", "--prune-epochs", "2",
                        "--out-npz", str(pruned)]) == 0
     w = train.load_npz(str(pruned))
-    conv = [k for k in w if k.endswith(".weight")]
+    conv = [k for k in w if k.endswith((".pw.weight", "head.conv.weight"))]
     zeros = sum(int((w[k] == 0).sum()) for k in conv)
     total = sum(w[k].size for k in conv)
     assert abs(zeros / total - 0.5) < 0.02

@@ -211,22 +211,29 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- pruning
-def conv_weights(model: QuickNet) -> dict[str, torch.nn.Parameter]:
-    """Every convolution weight (stem, depthwise, pointwise, head), by parameter name."""
-    return {n: p for n, p in model.named_parameters()
-            if n.endswith(".weight") and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Conv2d)}
+def conv_weights(model: QuickNet, which: str = "all") -> dict[str, torch.nn.Parameter]:
+    """Convolution weights by parameter name: "all" (stem, depthwise, pointwise,
+    head) or "1x1" (pointwise and head: about 99 % of QuickNet's weights)."""
+    out = {}
+    for n, p in model.named_parameters():
+        module = model.get_submodule(n.rsplit(".", 1)[0])
+        if n.endswith(".weight") and isinstance(module, nn.Conv2d):
+            if which == "all" or module.kernel_size == (1, 1):
+                out[n] = p
+    return out
 
 
-def magnitude_masks(model: QuickNet, sparsity: float) -> dict[str, torch.Tensor]:
-    """Per layer: zero the round(sparsity * n) smallest-magnitude weights of each conv."""
+def magnitude_masks(model: QuickNet, sparsity: float, which: str = "all") -> dict[str, torch.Tensor]:
+    """Per layer: a 0/1 mask that zeroes the sparsity * n smallest-magnitude weights."""
     masks = {}
-    for name, p in conv_weights(model).items():
+    for name, p in conv_weights(model, which).items():
         flat = p.detach().abs().flatten()
         k = min(flat.numel() - 1, int(round(sparsity * flat.numel())))
-        mask = torch.ones_like(flat)
         if k > 0:
-            mask[torch.topk(flat, k, largest=False).indices] = 0.0
-        masks[name] = mask.view_as(p)
+            threshold = torch.kthvalue(flat, k).values
+            masks[name] = (p.detach().abs() > threshold).to(p.dtype)
+        else:
+            masks[name] = torch.ones_like(p)
     return masks
 
 
@@ -239,9 +246,33 @@ def apply_masks(model: QuickNet, masks: dict[str, torch.Tensor] | None) -> None:
             params[name].mul_(mask)
 
 
-def conv_sparsity(model: QuickNet) -> float:
-    ws = list(conv_weights(model).values())
+def conv_sparsity(model: QuickNet, which: str = "all") -> float:
+    """Fraction of zeros among the convolution weights."""
+    ws = list(conv_weights(model, which).values())
     return float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
+
+
+def cubic_sparsity(target: float, progress: float) -> float:
+    """Gradual pruning schedule (Zhu & Gupta, 2017): 0 at progress 0, target at 1."""
+    return target * (1.0 - (1.0 - min(1.0, max(0.0, progress))) ** 3)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: QuickNet, images, batch_size: int = 64) -> None:
+    """Re-estimate every BatchNorm's running mean/variance on `images` (PIL, no
+    augmentation) as an exact average. Pruning shifts the activation statistics
+    far faster than a 0.01 momentum follows."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model(torch.from_numpy(datasets.to_array(images[i:i + batch_size])))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
 
 
 # ----------------------------------------------------------------------------- training
@@ -284,11 +315,13 @@ def evaluate(model: QuickNet, x: np.ndarray, y: np.ndarray, batch: int = 250) ->
     return correct / max(1, len(x)), loss / max(1, len(x))
 
 
-def run_epochs(model, phase, epochs, data, args, rng, lr, masks_for_epoch=None, on_epoch=None):
+def run_epochs(model, phase, epochs, data, args, rng, lr, masks_at=None, before_eval=None,
+               on_epoch=None):
     """Train `epochs` epochs with Adam and a per-step cosine decay from `lr`.
 
-    masks_for_epoch(e) -> masks (or None): applied after every optimizer step.
-    on_epoch(e, acc, loss, masks) is called with the held-out result of each epoch.
+    masks_at(step, total) -> masks or None: called before every step; the masks are applied after every
+    optimizer step. before_eval() runs before each held-out evaluation;
+    on_epoch(epoch, accuracy, loss) gets each epoch's held-out result.
     """
     train_images, train_labels, test_x, test_y = data
     n = len(train_images)
@@ -296,9 +329,8 @@ def run_epochs(model, phase, epochs, data, args, rng, lr, masks_for_epoch=None, 
     total = steps_per_epoch * epochs
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     step = 0
+    masks = None
     for epoch in range(1, epochs + 1):
-        masks = masks_for_epoch(epoch) if masks_for_epoch else None
-        apply_masks(model, masks)
         model.train()
         order = rng.permutation(n)
         bar = Progress(f"{phase} {epoch}/{epochs}", steps_per_epoch)
@@ -307,8 +339,11 @@ def run_epochs(model, phase, epochs, data, args, rng, lr, masks_for_epoch=None, 
         t0 = time.time()
         for b in range(steps_per_epoch):
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-            if len(idx) == 0:
-                continue
+            if masks_at:
+                new = masks_at(step, total)
+                if new is not masks:
+                    masks = new
+                    apply_masks(model, masks)
             images = [datasets.augment(args.dataset, train_images[i], rng) for i in idx]
             xb = torch.from_numpy(datasets.to_array(images))
             yb = torch.as_tensor([train_labels[i] for i in idx], dtype=torch.long)
@@ -325,13 +360,15 @@ def run_epochs(model, phase, epochs, data, args, rng, lr, masks_for_epoch=None, 
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             bar.update(b + 1, loss_sum / seen, correct / seen)
+        if before_eval:
+            before_eval()
         acc, heldout_loss = evaluate(model, test_x, test_y)
-        extra = f" sparsity {100 * conv_sparsity(model):.1f}%" if masks else ""
+        extra = f" | conv sparsity {100 * conv_sparsity(model):.1f}%" if masks else ""
         bar.finish(f"{phase} {epoch}/{epochs}: loss {loss_sum / max(1, seen):.4f} "
                    f"train acc {100 * correct / max(1, seen):.2f}% | held-out acc {100 * acc:.2f}% "
                    f"loss {heldout_loss:.4f}{extra} | {time.time() - t0:.1f}s")
         if on_epoch:
-            on_epoch(epoch, acc, heldout_loss, masks)
+            on_epoch(epoch, acc, heldout_loss)
 
 
 def heldout_description(dataset: str, n: int) -> str:
@@ -398,10 +435,13 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="use only the first N training images (tests)")
     p.add_argument("--init-npz", help="start from these neutral weights (.npz)")
     p.add_argument("--prune", type=float, metavar="SPARSITY",
-                   help="magnitude-prune every conv to this fraction of zeros (0..1), gradually, "
-                        "with masked fine-tuning after training")
+                   help="magnitude-prune each conv layer to this fraction of zeros (0..1), gradually, "
+                        "with masked fine-tuning after training (Deep Compression stage 1)")
     p.add_argument("--prune-epochs", type=int, default=6,
                    help="fine-tune epochs for --prune: the first 2/3 ramp the sparsity up")
+    p.add_argument("--prune-all", action="store_true",
+                   help="prune the 3x3 stem and depthwise convs too (default: only the 1x1 "
+                        "pointwise and head convs, about 99 %% of the weights)")
     p.add_argument("--prune-lr", type=float, help="learning rate for pruning fine-tune (default lr/10)")
     p.add_argument("--out-npz", help="write the best neutral weights here (.npz)")
     p.add_argument("--out-qnb", help="write the trained model as .qnb (qnrt.format)")
@@ -454,7 +494,7 @@ def main(argv=None) -> int:
 
     if args.epochs > 0:
         run_epochs(model, "epoch", args.epochs, data, args, rng, args.lr,
-                   on_epoch=lambda e, acc, loss, _m: consider(f"epoch {e}", acc, loss))
+                   on_epoch=lambda e, acc, loss: consider(f"epoch {e}", acc, loss))
     else:
         acc, loss = evaluate(model, test_x, test_y)
         print(f"held-out acc {100 * acc:.2f}% loss {loss:.4f}", file=sys.stderr)
@@ -462,28 +502,37 @@ def main(argv=None) -> int:
 
     extra_meta = {}
     if args.prune is not None:
+        # Deep Compression stage 1: start from the best model, raise the per-layer
+        # magnitude sparsity gradually over the first 2/3 of the fine-tune steps
+        # (masks recomputed every step), then fine-tune with the masks held fixed
+        # (at the latest for the last step). Only epochs that end at the target
+        # sparsity can be kept.
         model.load_state_dict(best["state"])
-        target, P = args.prune, args.prune_epochs
-        ramp = max(1, (2 * P) // 3)
-        best.update(acc=-1.0, loss=math.inf, state=None, epoch=None)  # keep only pruned models
+        best.update(acc=-1.0, loss=math.inf, state=None, epoch=None)
+        which = "all" if args.prune_all else "1x1"
+        fixed = {}
 
-        def schedule(e):  # cubic ramp (Zhu & Gupta 2017), then hold at the target
-            s = target * (1.0 - (1.0 - min(1.0, e / ramp)) ** 3)
-            return magnitude_masks(model, s)
+        def masks_at(step, total):
+            ramp = math.ceil(2 * total / 3)
+            if step >= min(ramp, total - 1):
+                if "masks" not in fixed:
+                    fixed["masks"] = magnitude_masks(model, args.prune, which)
+                return fixed["masks"]
+            return magnitude_masks(model, cubic_sparsity(args.prune, step / ramp), which)
 
-        def on_prune_epoch(e, acc, loss, masks):
-            if e >= ramp:
-                consider(f"prune epoch {e}", acc, loss)
-
-        run_epochs(model, "prune", P, data, args, rng, args.prune_lr or args.lr / 10.0,
-                   masks_for_epoch=schedule, on_epoch=on_prune_epoch)
+        run_epochs(model, "prune", args.prune_epochs, data, args, rng,
+                   args.prune_lr or args.lr / 10.0, masks_at=masks_at,
+                   before_eval=lambda: recalibrate_bn(model, train_images, args.batch_size),
+                   on_epoch=lambda e, acc, loss: "masks" in fixed and consider(f"prune epoch {e}", acc, loss))
+        if best["state"] is None:
+            raise RuntimeError("pruning never reached the target sparsity")
 
     model.load_state_dict(best["state"])
     neutral = state_to_neutral(model)
     if args.out_npz:
         save_npz(neutral, args.out_npz)
     if args.prune is not None:
-        extra_meta["model.sparsity"] = conv_sparsity(model)
+        extra_meta["model.sparsity"] = conv_sparsity(model)  # zeros among all conv weights
     elapsed = time.time() - t_start
     summary = (f"best held-out accuracy {100 * best['acc']:.2f}% ({best['epoch']}) "
                f"on {len(test_y)} images; {elapsed:.0f}s")
