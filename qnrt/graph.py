@@ -47,6 +47,15 @@ class Graph:
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = "graph"
 
+    def copy(self) -> "Graph":
+        """A graph that rewrites can change without touching this one (arrays shared)."""
+        import copy as _copy
+        return Graph([Node(n.op, list(n.inputs), list(n.outputs), _copy.deepcopy(n.attrs), n.name)
+                      for n in self.nodes],
+                     [ValueInfo(v.name, tuple(v.shape), v.dtype) for v in self.inputs],
+                     [ValueInfo(v.name, tuple(v.shape), v.dtype) for v in self.outputs],
+                     dict(self.initializers), _copy.deepcopy(self.metadata), self.name)
+
     def producers(self) -> dict[str, Node]:
         return {o: n for n in self.nodes for o in n.outputs if o}
 

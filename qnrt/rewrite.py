@@ -69,9 +69,13 @@ def fold_batchnorm(graph: Graph) -> None:
         w = consts[conv.inputs[1]].astype(np.float64)
         b = consts[conv.inputs[2]].astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] \
             else np.zeros(w.shape[0])
-        wname = graph.fresh_name(conv.inputs[1] + ".folded")
-        bname = graph.fresh_name((conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2]
-                                  else conv.inputs[1]) + ".bias_folded")
+        users = graph.consumers()
+        # a weight only this conv reads keeps its name (files stay readable)
+        wname = conv.inputs[1] if len(users.get(conv.inputs[1], [])) == 1 \
+            else graph.fresh_name(conv.inputs[1] + ".folded")
+        old_b = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2] else ""
+        bname = old_b if old_b and len(users.get(old_b, [])) == 1 \
+            else graph.fresh_name((conv.name or conv.outputs[0]) + ".bias")
         consts[wname] = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         consts[bname] = ((b - mean) * k + bias).astype(np.float32)
         conv.inputs = [conv.inputs[0], wname, bname] + conv.inputs[3:]
@@ -116,7 +120,9 @@ def fuse_activations(graph: Graph) -> None:
                 slope = np.full(cout or 0, node.attrs.get("alpha", 0.01), np.float32)
                 if cout is None:
                     continue
-            sname = graph.fresh_name((node.name or node.outputs[0]) + ".slope")
+            own = node.op == "PRelu" and len(graph.consumers().get(node.inputs[1], [])) == 1
+            sname = node.inputs[1] if own else graph.fresh_name(
+                (node.name or node.outputs[0]) + ".slope")
             consts[sname] = slope
             attrs["activation"] = "PRelu"
             extra = [sname]

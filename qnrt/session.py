@@ -66,7 +66,7 @@ class Session:
 
     def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True):
         if isinstance(model, Graph):
-            graph = model
+            graph = model.copy()  # the caller's graph stays as it was
         elif isinstance(model, (bytes, bytearray, memoryview)):
             graph = qnb.loads(bytes(model))
         elif isinstance(model, (str, os.PathLike)):

@@ -1,12 +1,15 @@
 """Elementwise activations: Relu, LeakyRelu, PRelu, Clip, Sigmoid,
-HardSigmoid, HardSwish, Tanh (all may run in place)."""
+HardSigmoid, HardSwish, Tanh, SiLU (all may run in place).
+
+SiLU (x * sigmoid(x), our IR name; ONNX spells it Sigmoid + Mul) has its own
+kernel: it is not in ACT_CODES, so Conv cannot fuse it yet."""
 from __future__ import annotations
 
 import numpy as np
 
 from . import Kernel, register
 from ._common import (ACT_CODES, activation_params, bcast_strides, binary6, broadcast_shapes,
-                      c_strides, coalesce, const_of, fail, has_input, numba_const, unary)
+                      c_strides, coalesce, const_of, fail, has_input, njit, numba_const, unary)
 
 
 def infer(node, in_shapes, consts):
@@ -34,6 +37,8 @@ def prepare(node, in_shapes, out_shapes, consts):
     x = infer(node, in_shapes, consts)[0]
     if node.op == "PRelu":
         return _prepare_prelu(node, in_shapes, consts)
+    if node.op == "SiLU":
+        return _prepare_silu(node, x, consts)
     code = ACT_CODES[node.op]
     if node.op == "Clip":
         lo = _clip_bound(node, 1, consts, -np.inf)
@@ -68,5 +73,24 @@ def _prepare_prelu(node, in_shapes, consts):
     return Kernel(run)
 
 
-register(["Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"],
-         infer, prepare, inplace=True)
+def _prepare_silu(node, x, consts):
+    size = int(np.prod(x))
+    cx = const_of(node, 0, consts)
+    cx = numba_const(cx).reshape(-1) if cx is not None else None
+
+    def run(ins, outs, workspace):
+        _silu(cx if cx is not None else ins[0].reshape(size), outs[0].reshape(size))
+    return Kernel(run)
+
+
+@njit
+def _silu(x, y):
+    """y = x * sigmoid(x) = x / (1 + exp(-x)) over flat arrays (y may be x)."""
+    one = np.float32(1)
+    for i in range(x.size):
+        v = x[i]
+        y[i] = v / (one + np.exp(-v))
+
+
+register(["Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+          "SiLU"], infer, prepare, inplace=True)

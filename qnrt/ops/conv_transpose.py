@@ -1,0 +1,175 @@
+"""ConvTranspose (1-D or 2-D, NCHW): group, strides, dilations, pads,
+output_padding, output_shape, auto_pad, optional bias.
+
+Per image, group and tile of input pixels: columns = W_g^T (Mg*KH*KW, Cg) @
+X tile (Cg, T) in BLAS (the tile in the workspace), then col2im adds every
+column into the output, which starts as the bias. Pads follow the ONNX
+formulas (with output_shape or SAME_*: total padding split with the odd
+pixel at the end for SAME_UPPER, at the beginning otherwise).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Kernel, register
+from ._common import attr_ints, attr_str, const_of, fail, has_input, njit, numba_const
+from ._common import valid_range as _valid
+
+WORKSPACE_BUDGET = 256 * 1024  # bytes of columns per tile
+MIN_TILE = 64  # input pixels; BLAS gets inefficient below this
+
+
+def _geometry(node, in_shapes):
+    x, w = in_shapes[0], in_shapes[1] if len(in_shapes) > 1 else None
+    if x is None or w is None:
+        fail(node, "needs inputs X and W")
+    if len(x) not in (3, 4) or len(w) != len(x):
+        fail(node, f"only 1-D and 2-D ConvTranspose (NCHW) are supported; X {x}, W {w}")
+    r = len(x) - 2
+    n, cin, spatial = int(x[0]), int(x[1]), [int(d) for d in x[2:]]
+    group = int(node.attrs.get("group", 1))
+    if group < 1 or cin % group:
+        fail(node, f"group {group} must divide the input channels {cin}")
+    if int(w[0]) != cin:
+        fail(node, f"weight {w} needs {cin} input channels (X {x})")
+    mg, kernel = int(w[1]), [int(d) for d in w[2:]]
+    if attr_ints(node, "kernel_shape", kernel) != kernel:
+        fail(node, f"kernel_shape {node.attrs['kernel_shape']} does not match weight {w}")
+    strides = attr_ints(node, "strides", [1] * r)
+    dil = attr_ints(node, "dilations", [1] * r)
+    opad = attr_ints(node, "output_padding", [0] * r)
+    if len(strides) != r or len(dil) != r or len(opad) != r:
+        fail(node, f"strides {strides}, dilations {dil}, output_padding {opad} need {r} entries")
+    if min(strides) < 1 or min(dil) < 1 or min(kernel) < 1:
+        fail(node, f"strides {strides}, dilations {dil} and kernel {kernel} must be positive")
+    if any(p < 0 or p >= max(s, d) for p, s, d in zip(opad, strides, dil)):
+        fail(node, f"output_padding {opad} must be in [0, max(stride, dilation))")
+    full = [s * (i - 1) + p + (k - 1) * d + 1
+            for i, s, p, k, d in zip(spatial, strides, opad, kernel, dil)]
+    auto = attr_str(node, "auto_pad", "NOTSET") or "NOTSET"
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        fail(node, f"unknown auto_pad '{auto}'")
+    out_shape = attr_ints(node, "output_shape")
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        if out_shape is None:
+            out = [i * s for i, s in zip(spatial, strides)]
+        else:
+            out = out_shape[-r:] if len(out_shape) in (r, r + 2) else None
+            if out is None:
+                fail(node, f"output_shape {out_shape} needs {r} spatial sizes")
+        total = [f - o for f, o in zip(full, out)]
+        if out_shape is not None and min(total) < 0:
+            fail(node, f"output_shape {out_shape} is larger than the full output {full}")
+        if auto == "SAME_UPPER":
+            begin = [t // 2 for t in total]
+        else:
+            begin = [t - t // 2 for t in total]
+    elif auto == "VALID":
+        begin, out = [0] * r, full
+    else:
+        pads = attr_ints(node, "pads", [0] * 2 * r)
+        if len(pads) != 2 * r or min(pads) < 0:
+            fail(node, f"pads {pads} must be {2 * r} non-negative ints")
+        begin = pads[:r]
+        out = [f - b - e for f, b, e in zip(full, pads[:r], pads[r:])]
+    if min(out) < 1:
+        fail(node, f"output would be empty: {out}")
+    if r == 1:  # 1-D runs as 2-D with H = 1
+        spatial, kernel, strides, dil, begin, out = ([1] + spatial, [1] + kernel, [1] + strides,
+                                                     [1] + dil, [0] + begin, [1] + out)
+    return dict(n=n, cin=cin, h=spatial[0], w=spatial[1], mg=mg, cout=mg * group, group=group,
+                kh=kernel[0], kw=kernel[1], strides=strides, dil=dil, begin=begin,
+                oh=out[0], ow=out[1], rank=r)
+
+
+def _out_shape(g):
+    sp = (g["ow"],) if g["rank"] == 1 else (g["oh"], g["ow"])
+    return (g["n"], g["cout"]) + sp
+
+
+def infer(node, in_shapes, consts):
+    g = _geometry(node, in_shapes)
+    if has_input(node, 2) and tuple(in_shapes[2]) != (g["cout"],):
+        fail(node, f"bias shape {in_shapes[2]} must be ({g['cout']},)")
+    return [_out_shape(g)]
+
+
+def prepare(node, in_shapes, out_shapes, consts):
+    g = _geometry(node, in_shapes)
+    y = infer(node, in_shapes, consts)[0]
+    if tuple(out_shapes[0]) != y:
+        fail(node, f"output shape {out_shapes[0]} != {y}")
+    n, cin, group, mg, cout = g["n"], g["cin"], g["group"], g["mg"], g["cout"]
+    kh, kw, h, w, oh, ow = g["kh"], g["kw"], g["h"], g["w"], g["oh"], g["ow"]
+    (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
+    cg, kk, hw = cin // group, mg * kh * kw, h * w
+    tile = min(hw, max(MIN_TILE, WORKSPACE_BUDGET // (4 * kk)))
+    w_c = const_of(node, 1, consts)
+    # (group, Mg*KH*KW, Cg): the transposed weights of each group, contiguous
+    wt_c = None if w_c is None else np.ascontiguousarray(
+        np.asarray(w_c, np.float32).reshape(group, cg, kk).transpose(0, 2, 1))
+    has_bias = has_input(node, 2)
+    b_c = const_of(node, 2, consts) if has_bias else None
+    b_c = numba_const(b_c).reshape(-1) if b_c is not None else None
+    zeros = np.zeros(cout, np.float32)
+
+    def run(ins, outs, workspace):
+        x3, y4 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, oh, ow)
+        wt = wt_c if wt_c is not None else ins[1].reshape(group, cg, kk).transpose(0, 2, 1)
+        bias = b_c if b_c is not None else (ins[2].reshape(-1) if has_bias else zeros)
+        cols = workspace[:kk * tile * 4].view(np.float32)
+        for i in range(n):
+            yi = y4[i]
+            _fill(yi, bias)
+            for t0 in range(0, hw, tile):
+                t = min(tile, hw - t0)
+                col = cols[:kk * t].reshape(kk, t)
+                for gi in range(group):
+                    np.matmul(wt[gi], x3[i, gi * cg:(gi + 1) * cg, t0:t0 + t], out=col)
+                    _col2im(col, yi, gi * mg, kh, kw, sh, sw, ph, pw, dh, dw, w, t0)
+    return Kernel(run, workspace=kk * tile * 4)
+
+
+@njit
+def _fill(y, bias):
+    """y[m] = bias[m] for y (M, OH, OW)."""
+    for m in range(y.shape[0]):
+        y[m] = bias[m]
+
+
+@njit
+def _col2im(col, y, m0, kh_, kw_, sh, sw, ph, pw, dh, dw, w_in, t0):
+    """y[m0 + m, ih*sh - ph + a*dh, iw*sw - pw + b*dw] += col[(m, a, b), t] for
+    the input pixels t0 + t = ih * w_in + iw, t < col.shape[1]; taps that land
+    outside y are dropped (the padding)."""
+    oh_, ow_ = y.shape[1], y.shape[2]
+    t_ = col.shape[1]
+    mg = col.shape[0] // (kh_ * kw_)
+    k = 0
+    for m in range(mg):
+        ym = y[m0 + m]
+        for a in range(kh_):
+            for b in range(kw_):
+                crow, off = col[k], b * dw - pw
+                ih, iw0, t = t0 // w_in, t0 % w_in, 0
+                while t < t_:  # one input-row segment at a time
+                    seg = min(w_in - iw0, t_ - t)
+                    oh = ih * sh - ph + a * dh
+                    if oh >= 0 and oh < oh_:
+                        start = iw0 * sw + off
+                        lo, hi = _valid(start, sw, seg, ow_)
+                        if hi > lo:
+                            dst, src = ym[oh, start + lo * sw:], crow[t + lo:t + hi]
+                            if sw == 1:
+                                for j in range(hi - lo):
+                                    dst[j] += src[j]
+                            else:
+                                for j in range(hi - lo):
+                                    dst[j * sw] += src[j]
+                    t += seg
+                    ih += 1
+                    iw0 = 0
+                k += 1
+
+
+register("ConvTranspose", infer, prepare)

@@ -1,0 +1,117 @@
+"""ReduceMean, ReduceMax, ReduceMin, ReduceSum over any set of axes (rank <= 6
+after merging neighbouring axes of the same kind). Axes come from a const
+input (ReduceSum opset 13+, the others opset 18+) or the `axes` attr; with
+no axes every axis is reduced, unless noop_with_empty_axes (then a copy)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Kernel, register
+from ._common import attr_ints, c_strides, coalesce, const_of, fail, has_input, int_list, \
+    njit, norm_axis, numba_const
+
+OPS = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3}
+
+
+def _axes(node, rank, consts):
+    """Sorted reduced axes (every axis when none are given, [] for a no-op)."""
+    if has_input(node, 1):
+        c = const_of(node, 1, consts)
+        if c is None:
+            fail(node, "axes must be a constant")
+        axes = int_list(c)
+    else:
+        axes = attr_ints(node, "axes") or []
+    if not axes:
+        return [] if int(node.attrs.get("noop_with_empty_axes", 0)) else list(range(rank))
+    axes = [norm_axis(node, a, rank) for a in axes]
+    if len(set(axes)) != len(axes):
+        fail(node, f"repeated axes {axes}")
+    return sorted(axes)
+
+
+def infer(node, in_shapes, consts):
+    x = in_shapes[0] if in_shapes else None
+    if x is None:
+        fail(node, "needs an input")
+    x = tuple(int(d) for d in x)
+    axes = _axes(node, len(x), consts)
+    if int(node.attrs.get("keepdims", 1)):
+        return [tuple(1 if i in axes else d for i, d in enumerate(x))]
+    return [tuple(d for i, d in enumerate(x) if i not in axes)]
+
+
+def prepare(node, in_shapes, out_shapes, consts):
+    y = infer(node, in_shapes, consts)[0]
+    if tuple(out_shapes[0]) != y:
+        fail(node, f"output shape {out_shapes[0]} != {y}")
+    x = tuple(int(d) for d in in_shapes[0])
+    axes = _axes(node, len(x), consts)
+    if node.op != "ReduceSum" and any(x[a] == 0 for a in axes) and int(np.prod(y)):
+        fail(node, f"{node.op} over the empty axes of {x} is undefined")
+    kept = [1 if i in axes else d for i, d in enumerate(x)]
+    ys = [0 if i in axes else s for i, s in enumerate(c_strides(kept))]
+    dims = coalesce(x, c_strides(x), ys)
+    if dims is None:
+        fail(node, f"input {x} with axes {axes} needs more than 6 dims")
+    shape, _, ystr = dims
+    count = max(1, int(np.prod([x[a] for a in axes])))
+    op, xsize, ysize = OPS[node.op], int(np.prod(x)), int(np.prod(y))
+    cx = const_of(node, 0, consts)
+    cx = numba_const(cx).reshape(-1) if cx is not None else None
+
+    def run(ins, outs, workspace):
+        src = cx if cx is not None else ins[0].reshape(xsize)
+        _reduce6(src, outs[0].reshape(ysize), shape, ystr, op, count)
+    return Kernel(run)
+
+
+@njit
+def _reduce6(x, y, shape, ys, op, count):
+    """Reduce flat x (C-contiguous over `shape`, MAX_RANK dims) into flat y;
+    ys[d] is y's element stride along dim d, 0 for a reduced dim. x is read
+    once in order: a reduced innermost dim becomes one (float64) scalar per
+    row, a kept one is accumulated elementwise into the y row."""
+    init = -np.inf if op == 2 else (np.inf if op == 3 else 0.0)
+    for i in range(y.size):
+        y[i] = init
+    n5, y5 = shape[5], ys[5]
+    xo = 0
+    for i0 in range(shape[0]):
+        for i1 in range(shape[1]):
+            for i2 in range(shape[2]):
+                for i3 in range(shape[3]):
+                    for i4 in range(shape[4]):
+                        yo = i0 * ys[0] + i1 * ys[1] + i2 * ys[2] + i3 * ys[3] + i4 * ys[4]
+                        row = x[xo:xo + n5]
+                        if y5 == 0:
+                            acc = np.float64(y[yo])
+                            if op == 2:
+                                for j in range(n5):
+                                    acc = max(acc, np.float64(row[j]))
+                            elif op == 3:
+                                for j in range(n5):
+                                    acc = min(acc, np.float64(row[j]))
+                            else:
+                                for j in range(n5):
+                                    acc += row[j]
+                            y[yo] = acc
+                        else:
+                            dst = y[yo:yo + n5]
+                            if op == 2:
+                                for j in range(n5):
+                                    dst[j] = max(dst[j], row[j])
+                            elif op == 3:
+                                for j in range(n5):
+                                    dst[j] = min(dst[j], row[j])
+                            else:
+                                for j in range(n5):
+                                    dst[j] += row[j]
+                        xo += n5
+    if op == 1:
+        inv = np.float32(1.0 / count)
+        for i in range(y.size):
+            y[i] *= inv
+
+
+register(list(OPS), infer, prepare)

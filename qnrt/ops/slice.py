@@ -1,0 +1,114 @@
+"""Slice (a copy): starts/ends/axes/steps from const inputs (opset 10+) or
+the starts/ends/axes attrs (older). Negative indices count from the end,
+out-of-range ones are clamped, steps may be negative (ONNX rules)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Kernel, register
+from ._common import attr_ints, c_strides, coalesce, const_of, fail, has_input, int_list, njit, \
+    norm_axis, numba_const
+
+
+def _const_list(node, i, consts, attr):
+    if len(node.inputs) > 1:  # opset 10+: inputs
+        if not has_input(node, i):
+            return None
+        c = const_of(node, i, consts)
+        if c is None:
+            fail(node, f"input {i} ({attr}) must be a constant")
+        return int_list(c)
+    return attr_ints(node, attr)
+
+
+def _plan(node, x, consts):
+    """(start, step, count) per axis."""
+    starts, ends = _const_list(node, 1, consts, "starts"), _const_list(node, 2, consts, "ends")
+    if starts is None or ends is None or len(starts) != len(ends):
+        fail(node, f"starts {starts} and ends {ends} must be given, of one length")
+    axes = _const_list(node, 3, consts, "axes")
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = _const_list(node, 4, consts, "steps") or [1] * len(starts)
+    if len(axes) != len(starts) or len(steps) != len(starts):
+        fail(node, f"starts {starts}, ends {ends}, axes {axes}, steps {steps} differ in length")
+    axes = [norm_axis(node, a, len(x)) for a in axes]
+    if len(set(axes)) != len(axes):
+        fail(node, f"repeated axes {axes}")
+    plan = [(0, 1, int(d)) for d in x]
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        d = int(x[a])
+        if st == 0:
+            fail(node, f"step of axis {a} is 0")
+        s, e = (s + d if s < 0 else s), (e + d if e < 0 else e)
+        if st > 0:
+            s, e = min(max(s, 0), d), min(max(e, 0), d)
+            n = max(0, -(-(e - s) // st))
+        else:
+            s, e = min(max(s, 0), d - 1), min(max(e, -1), d - 1)
+            n = max(0, -(-(s - e) // -st))
+        plan[a] = (s, st, n)
+    return plan
+
+
+def infer(node, in_shapes, consts):
+    x = in_shapes[0] if in_shapes else None
+    if x is None:
+        fail(node, "needs an input")
+    return [tuple(n for _, _, n in _plan(node, x, consts))]
+
+
+def prepare(node, in_shapes, out_shapes, consts):
+    y = infer(node, in_shapes, consts)[0]
+    if tuple(out_shapes[0]) != y:
+        fail(node, f"output shape {out_shapes[0]} != {y}")
+    x = tuple(int(d) for d in in_shapes[0])
+    plan = _plan(node, x, consts)
+    size, xsize = int(np.prod(y)), int(np.prod(x))
+    if not size:
+        return Kernel(lambda ins, outs, workspace: None)
+    xs = c_strides(x)
+    off = sum(s * st for (s, _, _), st in zip(plan, xs))
+    steps = [p[1] * st for p, st in zip(plan, xs)]
+    dims = coalesce(y, steps, c_strides(y))
+    if dims is None:
+        fail(node, f"slicing {x} needs more than 6 dims")
+    shape, ss, _ = dims
+    # what the kernel will index: the extremes of off + i.ss
+    lo = off + sum((int(n) - 1) * int(s) for n, s in zip(shape, ss) if s < 0)
+    hi = off + sum((int(n) - 1) * int(s) for n, s in zip(shape, ss) if s > 0)
+    if not 0 <= lo <= hi < xsize:
+        fail(node, f"internal: slice of {x} reads outside the input")
+    cx = const_of(node, 0, consts)
+    cx = numba_const(cx).reshape(-1) if cx is not None else None
+
+    def run(ins, outs, workspace):
+        _slice6(cx if cx is not None else ins[0].reshape(xsize), off, ss, outs[0].reshape(size),
+                shape)
+    return Kernel(run)
+
+
+@njit
+def _slice6(x, off, xs, y, shape):
+    """y (flat, C-contiguous over `shape`) = x[off + i.xs] over MAX_RANK dims;
+    strides may be negative (absolute indices, all inside x)."""
+    n5, s5 = shape[5], xs[5]
+    o = 0
+    for i0 in range(shape[0]):
+        for i1 in range(shape[1]):
+            for i2 in range(shape[2]):
+                for i3 in range(shape[3]):
+                    for i4 in range(shape[4]):
+                        base = off + i0 * xs[0] + i1 * xs[1] + i2 * xs[2] + i3 * xs[3] \
+                            + i4 * xs[4]
+                        row = y[o:o + n5]
+                        if s5 == 1:
+                            src = x[base:base + n5]
+                            for j in range(n5):
+                                row[j] = src[j]
+                        else:
+                            for j in range(n5):
+                                row[j] = x[base + j * s5]
+                        o += n5
+
+
+register("Slice", infer, prepare)
