@@ -84,6 +84,8 @@ class _Ctx:
         self.g = graph
         self.ops = set(ops) if ops is not None else None
         self.counts: Counter = Counter()
+        self.made: dict[int, str] = {}  # id(node) -> the count it was made under
+        self.bn_convs: set[int] = set()
         self.refresh()
 
     def refresh(self):
@@ -193,11 +195,11 @@ def _minmax(ctx: _Ctx) -> bool:
             x, c = (b, sa) if sa is not None else (a, sb)
             # the output keeps x's shape only if the scalar does not add dims
             cst = ctx.const(a if sa is not None else b)
-            if cst.ndim > 1 and not _rank_at_least(ctx, x, cst.ndim):
+            if cst.ndim > 1 and (_known_rank(ctx, x) or 0) < cst.ndim:
                 continue
             lo, hi = (c, np.inf) if node.op == "Max" else (-np.inf, c)
             new = _make_clip(ctx, x, node.outputs[0], lo, hi, node.name)
-            ctx.counts[new.op if new.op == "Relu" else "Clip"] += 1
+            _made(ctx, new, new.op)
             _replace(ctx, node, [new])
             return True
         if node.op == "Max" and sa is None and sb is None:  # Max(x, a*x): LeakyRelu
@@ -209,18 +211,21 @@ def _minmax(ctx: _Ctx) -> bool:
                 alpha = ctx.scalar(other)
                 if alpha is None or not 0 <= alpha <= 1 or ctx.const(other).ndim > 1:
                     continue
-                ctx.counts["LeakyRelu"] += 1
+                new = Node("LeakyRelu", [x], node.outputs, {"alpha": float(alpha)}, node.name)
+                _made(ctx, new, "LeakyRelu")
                 ctx.remove(mul)
-                _replace(ctx, node, [Node("LeakyRelu", [x], node.outputs,
-                                          {"alpha": float(alpha)}, node.name)])
+                _replace(ctx, node, [new])
                 return True
     return False
 
 
-def _rank_at_least(ctx: _Ctx, name: str, rank: int) -> bool:
-    p = ctx.producer(name)
-    w = ctx.const(p.inputs[1]) if p is not None and p.op == "Conv" and len(p.inputs) > 1 else None
-    return w is not None and w.ndim >= rank
+def _made(ctx: _Ctx, node: Node, key: str, *replaced: Node) -> None:
+    """Count `node` under `key`, uncounting nodes it replaces that were made here."""
+    for old in replaced:
+        if id(old) in ctx.made:
+            ctx.counts[ctx.made.pop(id(old))] -= 1
+    ctx.made[id(node)] = key
+    ctx.counts[key] += 1
 
 
 def _merge_clips(ctx: _Ctx) -> bool:
@@ -238,7 +243,9 @@ def _merge_clips(ctx: _Ctx) -> bool:
             continue  # disjoint ranges: a constant output, left alone
         new = _make_clip(ctx, inner_node.inputs[0], node.outputs[0], lo, hi, node.name)
         if lo == 0 and hi == 6:
-            ctx.counts["ReLU6"] += 1
+            _made(ctx, new, "ReLU6", node, inner_node)
+        elif id(node) in ctx.made or id(inner_node) in ctx.made:
+            _made(ctx, new, new.op, node, inner_node)
         ctx.remove(inner_node)
         _replace(ctx, node, [new])
         return True
@@ -322,10 +329,11 @@ def _hardsigmoid(ctx: _Ctx) -> bool:
         if found is None:
             continue
         x, alpha, beta, nodes = found
-        ctx.counts["HardSigmoid"] += 1
+        new = Node("HardSigmoid", [x], node.outputs,
+                   {"alpha": float(alpha), "beta": float(beta)}, node.name)
+        _made(ctx, new, "HardSigmoid", node, *nodes, *extra)
         ctx.remove(*nodes, *extra)
-        _replace(ctx, node, [Node("HardSigmoid", [x], node.outputs,
-                                  {"alpha": float(alpha), "beta": float(beta)}, node.name)])
+        _replace(ctx, node, [new])
         return True
     return False
 
@@ -350,9 +358,10 @@ def _gating(ctx: _Ctx) -> bool:
                     op = "HardSwish"
                 else:
                     continue
-                ctx.counts[op] += 1
+                new = Node(op, [x], node.outputs, {}, node.name)
+                _made(ctx, new, op, gate)
                 ctx.remove(gate)
-                _replace(ctx, node, [Node(op, [x], node.outputs, {}, node.name)])
+                _replace(ctx, node, [new])
                 return True
         scaled = _scale_of(ctx, node)
         if scaled is None:
@@ -372,10 +381,9 @@ def _gating(ctx: _Ctx) -> bool:
                         {"alpha": float(alpha), "beta": float(beta)}, node.name + "/hsig")
             if _hardswish_params(gate):
                 new = [Node("HardSwish", [x], node.outputs, {}, node.name)]
-                ctx.counts["HardSwish"] += 1
             else:
                 new = [gate, Node("Mul", [x, gate.outputs[0]], node.outputs, {}, node.name)]
-                ctx.counts["HardSigmoid"] += 1
+            _made(ctx, new[0], new[0].op, *nodes, clip)
             ctx.remove(*nodes, clip, mul)
             _replace(ctx, node, new)
             return True
@@ -438,9 +446,9 @@ def _fold_into_conv(ctx: _Ctx) -> bool:
         conv.inputs = [conv.inputs[0], wname, bias] + conv.inputs[3:]
         conv.outputs = list(op.outputs)
         ctx.remove(op)
-        folded = conv.attrs.get("_bn_folded")
-        ctx.counts["batch norms fused"] += 0 if folded else 1
-        conv.attrs["_bn_folded"] = True
+        if id(conv) not in ctx.bn_convs:
+            ctx.counts["batch norms fused"] += 1
+            ctx.bn_convs.add(id(conv))
         return True
     return False
 
@@ -703,8 +711,6 @@ def _run(graph: Graph, passes, ops, counts) -> Counter:
             break
     ctx.refresh()
     _dead_code(ctx)
-    for n in graph.nodes:
-        n.attrs.pop("_bn_folded", None)
     used = {i for n in graph.nodes for i in n.inputs} | ctx.outputs
     for name in [k for k in graph.initializers if k not in used]:
         del graph.initializers[name]

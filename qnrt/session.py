@@ -11,7 +11,7 @@ import numpy as np
 from . import format as qnb
 from .graph import Graph, GraphError, infer_shapes
 from .ops import Kernel, get_op
-from .planner import ALIGN, Buffer, Plan, plan
+from .planner import ALIGN, Buffer, Plan, aligned, plan
 from .rewrite import optimize
 
 _ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
@@ -211,6 +211,8 @@ class Session:
                     join(out, buf)
                 else:
                     new_buffer(out, i)
+        kernels = _lean_kernels(kernels, list(buffers.values()))
+        for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
             if kernel.workspace:
                 workspaces.append(Buffer(f"{node.name or node.outputs[0]}:workspace",
                                          int(kernel.workspace), i, i))
@@ -227,6 +229,22 @@ class Session:
             ws = ws_views.get(f"{node.name or node.outputs[0]}:workspace")
             steps.append(Step(node.name, node.op, kernel, ins, outs, ws))
         return Program(shapes, steps, memory, tensor_buffer, views, arena)
+
+
+def _lean_kernels(kernels: list[Kernel], tensors: list[Buffer]) -> list[Kernel]:
+    """Swap in a kernel's low-workspace fallback wherever its scratch memory would
+    make that step the arena's peak: the tensors alone set the bound we keep."""
+    live = [0] * len(kernels)
+    for b in tensors:
+        for s in range(max(b.first, 0), min(b.last, len(kernels) - 1) + 1):
+            live[s] += aligned(b.size)
+    bound = max(live, default=0)
+    out = []
+    for step, kernel in enumerate(kernels):
+        while kernel.fallback is not None and live[step] + aligned(kernel.workspace) > bound:
+            kernel = kernel.fallback
+        out.append(kernel)
+    return out
 
 
 def _last_uses(graph: Graph) -> dict[str, int]:

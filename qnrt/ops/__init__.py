@@ -32,6 +32,9 @@ from ..graph import GraphError
 class Kernel:
     run: Callable  # run(ins: list[ndarray], outs: list[ndarray], workspace: ndarray | None)
     workspace: int = 0  # bytes
+    # A variant needing less workspace (maybe slower). The session takes it where
+    # this kernel's workspace would lift the arena above the tensors' own peak.
+    fallback: "Kernel | None" = None
 
 
 @dataclass

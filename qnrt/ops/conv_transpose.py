@@ -103,7 +103,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     kh, kw, h, w, oh, ow = g["kh"], g["kw"], g["h"], g["w"], g["oh"], g["ow"]
     (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
     cg, kk, hw = cin // group, mg * kh * kw, h * w
-    tile = min(hw, max(MIN_TILE, WORKSPACE_BUDGET // (4 * kk)))
+    tile = max(1, min(hw, max(MIN_TILE, WORKSPACE_BUDGET // (4 * kk))))
     w_c = const_of(node, 1, consts)
     # (group, Mg*KH*KW, Cg): the transposed weights of each group, contiguous
     wt_c = None if w_c is None else np.ascontiguousarray(
