@@ -12,7 +12,8 @@ is idempotent, and is counted, so `qnrt convert` can say what it did:
     * Transposes: pairs that compose to the identity cancel (merge otherwise),
       also when elementwise ops sit between them: a Transpose is pushed down
       through unary ops, through Add/Sub/Mul/Div/PRelu/Max/Min whose other operand
-      is a constant (the constant is permuted), through binary ops and Concat whose
+      is a constant (the constant is permuted), through Pad (the pads are permuted),
+      through binary ops and Concat whose
       inputs are all the same Transpose (which removes Transposes by itself), and
       into ReduceMean/ReduceMax/...; Transposes before Reshape/Flatten stay: there
       the element order matters. ReduceMean/ReduceMax over H, W of an NCHW tensor
@@ -30,7 +31,7 @@ from collections import Counter
 
 import numpy as np
 
-from qnrt.graph import Graph, Node
+from qnrt.graph import Graph, GraphError, Node
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "SiLU", "Clip",
          "Identity", "Neg", "Abs", "Sqrt", "Exp", "Log", "Elu", "Selu", "Softplus",
@@ -119,7 +120,7 @@ class _Ctx:
 
     def add_const(self, base, value) -> str:
         name = self.g.fresh_name(base)
-        self.g.initializers[name] = np.ascontiguousarray(value)
+        self.g.initializers[name] = np.array(value, order="C")  # 0-d stays 0-d
         return name
 
     def fresh(self, base) -> str:
@@ -180,7 +181,7 @@ def _replace(ctx: _Ctx, old: Node, new: list[Node]):
 
 
 def _close(a: float, b: float, rel: float = 1e-5) -> bool:
-    return abs(a - b) <= rel * max(1.0, abs(a), abs(b))
+    return bool(np.isfinite(a) and np.isfinite(b) and abs(a - b) <= rel * max(1.0, abs(a), abs(b)))
 
 
 # ---- Min / Max ------------------------------------------------------------------------
@@ -514,7 +515,22 @@ def _pushable(ctx: _Ctx, user: Node, t: str, perm) -> bool:
     if user.op in REDUCE:
         r = _reduce_axes(ctx, user)
         return r is not None and user.inputs[0] == t and r[1] == 1
+    if user.op == "Pad":  # every mode pads each axis on its own: permute the pads
+        return user.inputs[0] == t and _pad_amounts(ctx, user, rank) is not None
     return False
+
+
+def _pad_amounts(ctx: _Ctx, node: Node, rank: int):
+    """Pad's pads (begins then ends, one per axis), constant, without `axes`."""
+    if len(node.inputs) > 3 and node.inputs[3]:
+        return None
+    if any(i and ctx.const(i) is None for i in node.inputs[1:3]):
+        return None
+    pads = ctx.const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else \
+        node.attrs.get("pads")
+    if pads is None or len(np.asarray(pads).reshape(-1)) != 2 * rank:
+        return None
+    return [int(p) for p in np.asarray(pads).reshape(-1)]
 
 
 def _leads_to_transpose(ctx: _Ctx, t: str, perm) -> bool:
@@ -583,6 +599,17 @@ def _push(ctx: _Ctx, tnode: Node, user: Node) -> None:
         new_axes = sorted(perm[a % len(perm)] for a in axes)
         _set_reduce_axes(ctx, user, new_axes, from_input)
         user.inputs[0] = x
+    elif user.op == "Pad":
+        rank = len(perm)
+        pads = _pad_amounts(ctx, user, rank)
+        moved = [0] * (2 * rank)
+        for i, p in enumerate(perm):
+            moved[p], moved[rank + p] = pads[i], pads[rank + i]
+        if len(user.inputs) > 1 and user.inputs[1]:
+            user.inputs[1] = ctx.add_const(f"{user.name}.pads", np.asarray(moved, np.int64))
+        else:
+            user.attrs["pads"] = moved
+        user.inputs[0] = x
     else:
         user.inputs[0] = x
     out = user.outputs[0]
@@ -611,15 +638,15 @@ def _transposes(ctx: _Ctx) -> bool:
         users = ctx.uses(t)
         # readers that are Transposes read x directly, composed (or not at all)
         following = [u for u in users if u.op == "Transpose" and _perm(u) is not None]
-        if following:
-            for u in following:
-                comp = _compose(perm, _perm(u))
-                if _is_identity(comp):
-                    ctx.remove(u)
-                    ctx.replace_uses(u.outputs[0], x)
-                    ctx.counts["Transposes removed"] += 1
-                else:
-                    u.inputs, u.attrs["perm"] = [x], comp
+        if following:  # one at a time: replace_uses may rename x
+            u = following[0]
+            comp = _compose(perm, _perm(u))
+            if _is_identity(comp):
+                ctx.remove(u)
+                ctx.replace_uses(u.outputs[0], x)
+                ctx.counts["Transposes removed"] += 1
+            else:
+                u.inputs, u.attrs["perm"] = [tnode.inputs[0]], comp
             ctx.refresh()
             if not ctx.uses(t) and t not in ctx.outputs:
                 ctx.remove(tnode)
@@ -671,20 +698,28 @@ def _global_pools(ctx: _Ctx) -> bool:
     return False
 
 
-def _known_rank(ctx: _Ctx, name: str):
-    for _ in range(len(ctx.g.nodes) + 1):
-        p = ctx.producer(name)
-        if p is None:
-            vi = next((v for v in ctx.g.inputs if v.name == name), None)
-            return len(vi.shape) if vi is not None and vi.shape is not None else None
-        if p.op == "Conv" and len(p.inputs) > 1 and ctx.const(p.inputs[1]) is not None:
-            return ctx.const(p.inputs[1]).ndim
-        if p.op == "Transpose" and _perm(p) is not None:
-            return len(_perm(p))
-        if p.op in UNARY or p.op in ("BatchNormalization", "MaxPool", "AveragePool"):
-            name = p.inputs[0]
-            continue
+def _known_rank(ctx: _Ctx, name: str, depth: int = 0):
+    """The rank of tensor `name` when the graph proves it, else None."""
+    if depth > 64:
         return None
+    c = ctx.const(name)
+    if c is not None:
+        return c.ndim
+    p = ctx.producer(name)
+    if p is None:
+        vi = next((v for v in ctx.g.inputs if v.name == name), None)
+        return len(vi.shape) if vi is not None and vi.shape is not None else None
+    if p.op == "Conv" and len(p.inputs) > 1 and ctx.const(p.inputs[1]) is not None:
+        return ctx.const(p.inputs[1]).ndim
+    if p.op == "Transpose" and _perm(p) is not None:
+        return len(_perm(p))
+    if p.op in UNARY or p.op in ("BatchNormalization", "MaxPool", "AveragePool", "PRelu"):
+        return _known_rank(ctx, p.inputs[0], depth + 1)
+    if p.op in BINARY and len(p.inputs) == 2:
+        ranks = [_known_rank(ctx, i, depth + 1) for i in p.inputs]
+        return None if None in ranks else max(ranks)
+    if p.op == "Concat":
+        return _known_rank(ctx, p.inputs[0], depth + 1)
     return None
 
 
@@ -700,27 +735,56 @@ def _dead_code(ctx: _Ctx) -> bool:
 
 def _run(graph: Graph, passes, ops, counts) -> Counter:
     ctx = _Ctx(graph, ops)
+    changed = False
     for _ in range(100 * (len(graph.nodes) + 10)):  # every rewrite shrinks or settles
-        changed = False
-        for p in passes:
-            ctx.refresh()
-            if p(ctx):
-                changed = True
-                break
-        if not changed:
+        # a pass that finds nothing leaves the graph as it was: refresh after changes only
+        if not any(p(ctx) for p in passes):
             break
-    ctx.refresh()
-    _dead_code(ctx)
-    used = {i for n in graph.nodes for i in n.inputs} | ctx.outputs
-    for name in [k for k in graph.initializers if k not in used]:
-        del graph.initializers[name]
-    graph.toposort()
+        changed = True
+        ctx.refresh()
+    if changed:  # an untouched graph keeps its nodes, order and constants as they were
+        _dead_code(ctx)
+        used = {i for n in graph.nodes for i in n.inputs} | ctx.outputs
+        for name in [k for k in graph.initializers if k not in used]:
+            del graph.initializers[name]
+        try:
+            graph.toposort()
+        except GraphError:  # wiring the importer reports better (graph.validate)
+            pass
     if counts is not None:
         counts.update(ctx.counts)
     return ctx.counts
 
 
-LEGALIZE = (_minmax, _merge_clips)
+def nchw_input(graph: Graph, counts: Counter | None = None) -> list[str]:
+    """Opt-in (convert(nchw_input=True)): a 4-D graph input read only by
+    Transpose(perm=[0, 3, 1, 2]) becomes an NCHW input and the Transposes go.
+    Changes the model's interface, so callers then feed NCHW. Returns the
+    inputs changed."""
+    ctx = _Ctx(graph)
+    changed = []
+    for vi in graph.inputs:
+        users = ctx.uses(vi.name)
+        if (vi.shape is None or len(vi.shape) != 4 or not users or vi.name in ctx.outputs
+                or any(u.op != "Transpose" or _perm(u) != [0, 3, 1, 2] for u in users)):
+            continue
+        n, h, w, c = vi.shape
+        vi.shape = (n, c, h, w)
+        for u in users:
+            ctx.remove(u)
+            ctx.refresh()
+            ctx.replace_uses(u.outputs[0], vi.name)
+            ctx.counts["Transposes removed"] += 1
+        changed.append(vi.name)
+        ctx.refresh()
+    if changed:
+        graph.metadata["converter.nchw_input"] = changed
+    if counts is not None:
+        counts.update(ctx.counts)
+    return changed
+
+
+LEGALIZE = (_minmax,)
 CLEANUP = (_dead_code, _minmax, _merge_clips, _transposes, _global_pools, _fold_into_conv,
            _hardsigmoid, _gating)
 

@@ -16,8 +16,9 @@ PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
                    "mode": str, "resample": str, "channel_order": str}
 
 
-def load_any(path: str, input_shape=None) -> Graph:
-    """An IR graph from .onnx, .h5/.keras or .qnb."""
+def load_any(path: str, input_shape=None, report: Counter | None = None) -> Graph:
+    """An IR graph from .onnx, .h5/.keras or .qnb. ONNX is cleaned up on import
+    (exporters.cleanup); `report` receives what that did."""
     ext = os.path.splitext(path)[1].lower()
     if not os.path.exists(path):
         raise FileNotFoundError(path)
@@ -31,7 +32,7 @@ def load_any(path: str, input_shape=None) -> Graph:
             inits = {i.name for i in model.graph.initializer}
             first = next(i.name for i in model.graph.input if i.name not in inits)
             shapes = {first: tuple(input_shape)}
-        return from_onnx(model, shapes)
+        return from_onnx(model, shapes, cleanup=True, report=report)
     if ext in (".h5", ".hdf5", ".keras"):
         from .keras_h5 import from_h5
 
@@ -98,13 +99,38 @@ def finalize(graph: Graph, input_shape=None, labels=None, metadata=None, log=Non
 
 
 def convert(src: str, dst: str, input_shape=None, labels=None, preprocess=(),
-            log=None) -> dict:
-    graph = load_any(src, input_shape)
+            log=None, nchw_input: bool = False) -> dict:
+    """Any model -> .qnb. ONNX is cleaned up on import (exporters.cleanup). The
+    model's input interface is kept (an NHWC input stays NHWC, its Transpose to
+    NCHW being the one layout change); nchw_input=True instead makes such an
+    input NCHW and drops the Transpose, so callers must feed NCHW."""
+    from .cleanup import summary as cleanup_summary
+
+    report: Counter = Counter()
+    graph = load_any(src, input_shape, report)
+    if nchw_input:
+        from .cleanup import nchw_input as to_nchw
+
+        changed = to_nchw(graph, report)
+        if log:
+            log(f"inputs now NCHW: {', '.join(changed)}" if changed else
+                "--nchw-input: no NHWC input followed by Transpose(0, 3, 1, 2) found")
+        if changed and input_shape:  # the given shape was in the model's own layout
+            n, h, w, c = input_shape
+            input_shape = (n, c, h, w)
     label_list = None
     if labels:
         with open(labels, encoding="utf-8") as f:
             label_list = [line.strip() for line in f if line.strip()]
     summary = finalize(graph, input_shape, label_list, parse_preprocess(preprocess), log)
+    # standalone BatchNormalization after a Conv is folded by qnrt.rewrite.optimize
+    report["batch norms fused"] += (summary["ops_before"].get("BatchNormalization", 0)
+                                    - summary["ops_after"].get("BatchNormalization", 0))
+    summary["cleanup"] = dict(+report)
+    if log:
+        source = report.get("nodes in source")
+        log("cleanup" + (f" ({source} source nodes -> {summary['nodes_before']})" if source
+                         else "") + ": " + cleanup_summary(report))
     size = qnb.save(graph, dst)
     if log:
         log(f"wrote {dst} ({size / 2**20:.2f} MiB)")

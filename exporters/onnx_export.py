@@ -5,6 +5,9 @@ Reshape shape are inputs), plus a few runtime-only extensions that are lowered
 to plain ONNX here:
   * Conv with a fused `activation` (slope for PRelu as input 3, shape (Cout,))
     becomes Conv + the activation node;
+  * SiLU (x * sigmoid(x), standalone or fused) becomes Sigmoid + Mul;
+  * Reduce* axes and Split sizes move between attribute and input as the
+    target opset wants (inputs from 18, ReduceSum and Split from 13);
   * Softmax with `legacy_axis_semantics` (opset < 13 meaning: flatten to 2-D at
     `axis`) is emulated on opset >= 13, and per-axis Softmax on opset < 13;
   * attributes that the op's ONNX schema does not define are dropped.
@@ -23,6 +26,10 @@ from qnrt import __version__
 from qnrt.graph import Graph, GraphError, Node, ValueInfo
 
 MIN_OPSET = 11  # Clip takes min/max as inputs from 11 on; older forms are not emitted
+# the opset from which these ops take their axes (Split: its sizes) as an input
+AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMean": 18, "ReduceMax": 18, "ReduceMin": 18,
+                    "ReduceProd": 18, "ReduceL1": 18, "ReduceL2": 18, "ReduceLogSum": 18,
+                    "ReduceLogSumExp": 18, "ReduceSumSquare": 18, "Split": 13}
 
 
 def to_onnx(graph: Graph, opset: int = 17) -> onnx.ModelProto:
@@ -137,6 +144,8 @@ class _Exporter:
             return self.emit("Conv", ins[:3], outs, name, a)
         if op == "HardSwish":
             return self.hardswish(ins[0], outs[0], name)
+        if op == "SiLU":
+            return self.silu(ins[0], outs[0], name)
         if op == "Softmax":
             return self.softmax(ins[0], outs[0], name, a)
         if op == "Clip":
@@ -155,6 +164,21 @@ class _Exporter:
                 ins = ins[:1]
             elif axes is not None:
                 a["axes"] = axes
+        if op in AXES_INPUT_SINCE:  # Reduce*/Split: axes (split sizes) attr <-> input
+            key = "split" if op == "Split" else "axes"
+            value = a.pop(key, None)
+            if self.opset >= AXES_INPUT_SINCE[op]:
+                if value is not None:
+                    ins = [ins[0], self.const(f"{name}.{key}", np.asarray(value, np.int64))]
+            elif len(ins) > 1 and ins[1]:
+                if ins[1] not in self.inits:
+                    raise GraphError(f"{n.where()}: opset {self.opset} needs constant {key}")
+                a[key] = self.inits[ins[1]].reshape(-1).tolist()
+                ins = ins[:1]
+            elif value is not None:
+                a[key] = value
+            if op == "Split" and self.opset < 18:
+                a.pop("num_outputs", None)
         if op == "Dropout" and self.opset >= 12 and "ratio" in a:
             ins = [ins[0], self.const(f"{name}.ratio", np.float32(a.pop("ratio")))]
         self.emit(op, ins, outs, name, a)
@@ -169,6 +193,8 @@ class _Exporter:
                                             "beta": a.get("activation_beta", 0.5)})
         elif act == "HardSwish":
             self.hardswish(x, y, name)
+        elif act == "SiLU":
+            self.silu(x, y, name)
         elif act == "Clip":
             self.node(Node("Clip", [x], [y], {"min": a.get("activation_min"),
                                               "max": a.get("activation_max")}, name))
@@ -192,6 +218,11 @@ class _Exporter:
         h = self.fresh(f"{y}/hsig")  # HardSwish(x) = x * HardSigmoid(x; 1/6, 1/2)
         self.emit("HardSigmoid", [x], [h], f"{name}/hsig", {"alpha": 1 / 6, "beta": 0.5})
         self.emit("Mul", [x, h], [y], name)
+
+    def silu(self, x, y, name):
+        s = self.fresh(f"{y}/sigmoid")  # SiLU(x) = x * Sigmoid(x)
+        self.emit("Sigmoid", [x], [s], f"{name}/sigmoid")
+        self.emit("Mul", [x, s], [y], name)
 
     def softmax(self, x, y, name, a):
         legacy = bool(a.get("legacy_axis_semantics", False))

@@ -11,12 +11,23 @@ One pass over the (topologically ordered) ONNX nodes:
   * Identity, Dropout and Casts to the same type are removed by rewiring;
   * nodes whose inputs are all constant are evaluated in NumPy (Shape too, when
     shape inference gives its input a static shape).
+With cleanup=True (what `qnrt convert` uses) two more things happen:
+  * shape arithmetic on dynamic dims is folded symbolically: Shape gives a
+    vector of ints and dim symbols, Gather/Slice/Concat/Unsqueeze/Mul/... carry
+    them, and a Reshape whose target ends up as [N, -1] (N the input's own
+    dynamic batch) gets the target [0, -1]: the batch stays dynamic;
+  * exporters.cleanup rewrites what converters spell out (Transpose pairs, batch
+    norm as Mul/Add after a Conv, SiLU/HardSwish/ReLU6/LeakyRelu patterns).
+Min/Max forms of Relu/Clip/LeakyRelu are always rewritten (exporters.cleanup.legalize).
 Whatever remains must be a runtime op, else one GraphError names every offender.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from collections import Counter
+from functools import reduce
 
 import numpy as np
 import onnx
@@ -42,7 +53,16 @@ def supported_ops() -> set[str]:
         return set(RUNTIME_OPS)
 
 
-def from_onnx(model_or_path, input_shapes: dict | None = None) -> Graph:
+def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool = False,
+              report: Counter | None = None) -> Graph:
+    """ONNX (model, path or bytes) -> IR Graph.
+
+    input_shapes: fix the dynamic dims of named inputs.
+    cleanup: also fold shape arithmetic on dynamic dims and run exporters.cleanup.
+    report: a Counter that receives what was folded and rewritten (see
+    exporters.cleanup.summary)."""
+    counts: Counter = Counter()
+    unknown_dim = (f"?{k}" for k in itertools.count())  # a dim nothing can be matched with
     model = _load(model_or_path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
@@ -73,6 +93,7 @@ def from_onnx(model_or_path, input_shapes: dict | None = None) -> Graph:
         node = Node(op, [alias.get(i, i) for i in proto.input], list(proto.output), attrs, name)
         if op == "Constant":
             consts[node.outputs[0]] = _constant(node)
+            counts["constants folded"] += 1
             continue
         _normalize(node, opset, consts, types)
         x = node.inputs[0] if node.inputs else ""
@@ -82,20 +103,48 @@ def from_onnx(model_or_path, input_shapes: dict | None = None) -> Graph:
             if not any(o in graph_outputs or _read_later(o, g.node, index)
                        for o in node.outputs[1:]):
                 alias[node.outputs[0]] = x
+                counts["no-op nodes removed"] += 1
                 continue
         if op == "Shape":
             shape = consts[x].shape if x in consts else types.get(x, (None, None))[1]
             if shape is not None and all(isinstance(d, int) for d in shape):
                 dims = list(shape)[attrs.get("start", 0):attrs.get("end", len(shape))]
                 consts[node.outputs[0]] = np.array(dims, np.int64)
+                counts["constants folded"] += 1
+                continue
+            if cleanup and shape is not None:  # symbols for the dynamic dims
+                dims = [d if isinstance(d, (int, str)) and d != 0 else next(unknown_dim)
+                        for d in shape][attrs.get("start", 0):attrs.get("end", len(shape))]
+                consts[node.outputs[0]] = _symbolic(dims)
+                counts["constants folded"] += 1
                 continue
         elif op in _FOLD and node.inputs and all(i in consts for i in node.inputs if i):
-            try:
-                values = _FOLD[op]([consts[i] if i else None for i in node.inputs], attrs)
-            except Exception as exc:
-                raise GraphError(f"{node.where()}: cannot fold constant inputs: {exc}") from exc
-            consts.update((o, np.array(v, order="C")) for o, v in zip(node.outputs, values))
+            ins = [consts[i] if i else None for i in node.inputs]
+            if any(_is_symbolic(v) for v in ins):
+                values = _fold_symbolic(op, ins, attrs, unknown_dim)
+                if values is None:  # e.g. a dynamic dim reaching Expand's shape
+                    kept.append(node)
+                    continue
+            else:
+                try:
+                    values = _FOLD[op](ins, attrs)
+                except Exception as exc:
+                    raise GraphError(f"{node.where()}: cannot fold constant inputs: "
+                                     f"{exc}") from exc
+                values = [np.array(v, order="C") for v in values]
+            consts.update(zip(node.outputs, values))
+            counts["constants folded"] += 1
             continue
+        elif op == "Reshape" and len(node.inputs) > 1 and _is_symbolic(consts.get(node.inputs[1])):
+            target = _resolve_target(consts[node.inputs[1]], types.get(x, (None, None))[1],
+                                     attrs.get("allowzero", 0))
+            if target is not None:
+                name = f"{node.name}.shape"
+                while name in consts:
+                    name += "_"
+                consts[name] = target
+                node.inputs[1] = name
+                counts["dynamic reshapes resolved"] += 1
         kept.append(node)
 
     outputs, renamed = [], {}
@@ -117,18 +166,30 @@ def from_onnx(model_or_path, input_shapes: dict | None = None) -> Graph:
         outputs.append(ValueInfo(v.name, shape, dtype))
 
     ok = supported_ops()
-    bad = [n for n in kept if n.op not in ok]
-    if bad:
-        hint = ""
-        if any(n.op == "Shape" for n in bad):
-            hint = " (Shape of a tensor with dynamic dims: pass input_shapes to fold it)"
-        raise GraphError(f"{len(bad)} unsupported node(s): "
-                         + ", ".join(f"'{n.name}' ({n.op})" for n in bad) + hint)
+    dynamic = [n for n in kept if any(_is_symbolic(consts.get(i)) for i in n.inputs)]
+    if dynamic:
+        raise GraphError(f"{len(dynamic)} node(s) compute with the input's dynamic dims: "
+                         + ", ".join(f"'{n.name}' ({n.op})" for n in dynamic)
+                         + "; fix them with input_shapes (qnrt convert --input-shape)")
     used = {i for n in kept for i in n.inputs} | {v.name for v in outputs}
     graph = Graph(kept, inputs, outputs, {k: v for k, v in consts.items() if k in used},
                   {p.key: _json_or_str(p.value) for p in model.metadata_props},
                   g.name or "graph")
+    from . import cleanup as rewrites
+
+    (rewrites.cleanup if cleanup else rewrites.legalize)(graph, ok, counts)
+    bad = [n for n in graph.nodes if n.op not in ok]
+    if bad:
+        hint = ""
+        if any(n.op == "Shape" for n in bad):
+            hint = (" (Shape of a tensor with dynamic dims: pass input_shapes to fold it, "
+                    "qnrt convert --input-shape)")
+        raise GraphError(f"{len(bad)} unsupported node(s): "
+                         + ", ".join(f"'{n.name}' ({n.op})" for n in bad) + hint)
     graph.validate()
+    if report is not None:
+        report.update(+counts)
+        report["nodes in source"] += len(g.node)
     if any(not isinstance(d, int) for v in outputs for d in (v.shape or ("?",))):
         _refine_outputs(graph)
     return graph
@@ -136,18 +197,36 @@ def from_onnx(model_or_path, input_shapes: dict | None = None) -> Graph:
 
 def _refine_outputs(graph: Graph) -> None:
     """Infer output shapes again on the folded graph: with Shape chains gone (and
-    input_shapes applied) ONNX inference can often pin dims it could not before."""
+    input_shapes applied) ONNX inference can often pin dims it could not before,
+    or name them by the input's symbols (a Reshape to [0, -1] keeps 'N')."""
     from .onnx_export import to_onnx
 
+    draft = Graph(graph.nodes, graph.inputs,
+                  [ValueInfo(v.name, None, v.dtype) for v in graph.outputs],
+                  graph.initializers, {}, graph.name)
     try:
-        model = to_onnx(graph)
+        model = to_onnx(draft)
     except Exception:  # best effort: the shapes found so far stay valid
         return
     types = _infer(model, graph.inputs)
+    symbols = {d for v in graph.inputs for d in v.shape or () if isinstance(d, str)}
     refined = []
-    for v in model.graph.output:
-        dtype, shape = _merge(v, types.get(v.name))
-        refined.append(ValueInfo(v.name, shape, dtype))
+    for v in graph.outputs:
+        got = types.get(v.name, (None, None))[1]
+        if v.shape is None or got is None or len(got) != len(v.shape):
+            refined.append(v if got is None else ValueInfo(
+                v.name, tuple(d if isinstance(d, int) and d > 0 else d if isinstance(d, str)
+                              else f"{v.name}.{i}" for i, d in enumerate(got)), v.dtype))
+            continue
+        shape = []
+        for old, new in zip(v.shape, got):
+            if isinstance(old, int):
+                shape.append(old)
+            elif isinstance(new, int) and new > 0 or new in symbols:
+                shape.append(new)
+            else:
+                shape.append(old)
+        refined.append(ValueInfo(v.name, tuple(shape), v.dtype))
     graph.outputs = refined
 
 
@@ -338,6 +417,75 @@ def _explicit_window(node: Node, consts: dict, types: dict) -> None:
 
 # ---- constant folding ---------------------------------------------------------
 
+def _is_symbolic(value) -> bool:
+    """A shape vector holding dim symbols (object array of int | str)."""
+    return isinstance(value, np.ndarray) and value.dtype == object
+
+
+def _symbolic(values) -> np.ndarray:
+    """An object array of ints and symbols, or int64 once no symbol is left."""
+    a = np.empty(np.shape(values), dtype=object)
+    a[...] = values
+    flat = [v for v in a.reshape(-1)]
+    if all(isinstance(v, (int, np.integer)) for v in flat):
+        return np.array([int(v) for v in flat], np.int64).reshape(a.shape)
+    return np.array([int(v) if isinstance(v, (int, np.integer)) else v for v in flat],
+                    dtype=object).reshape(a.shape)
+
+
+def _fold_symbolic(op, ins, a, unknown):
+    """Fold shape arithmetic where some entries are dim symbols; None: cannot."""
+    def arith(fn, neutral):
+        def f(x, y):
+            if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)):
+                return int(fn(np.int64(x), np.int64(y)))
+            if isinstance(y, (int, np.integer)) and y == neutral:  # N * 1, N + 0, ...
+                return x
+            if op in ("Mul", "Add") and isinstance(x, (int, np.integer)) and x == neutral:
+                return y
+            return next(unknown)
+        return np.frompyfunc(f, 2, 1)
+
+    ops = {"Add": (np.add, 0), "Sub": (np.subtract, 0), "Mul": (np.multiply, 1),
+           "Div": (lambda x, y: _int_div(x, y), 1)}
+    objs = [None if v is None else np.asarray(v, dtype=object) for v in ins]
+    try:
+        if op in ops:
+            return [_symbolic(arith(*ops[op])(objs[0], objs[1]))]
+        if op == "ReduceProd" and objs[0].ndim == 1 and len(ins) == 1 and "axes" not in a:
+            value = reduce(lambda x, y: arith(np.multiply, 1)(x, y), list(objs[0]), 1)
+            value = np.array(value, dtype=object)
+            return [_symbolic(value.reshape((1,) if a.get("keepdims", 1) else ()))]
+        if op == "Cast":
+            return [_symbolic(objs[0])]
+        if op in ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape"):
+            if op != "Concat" and any(_is_symbolic(v) for v in ins[1:]):
+                return None  # a symbol used as an index or a shape
+            out = _FOLD[op]([objs[0]] + list(ins[1:]) if op != "Concat" else objs, a)
+            return [_symbolic(v) for v in out]
+    except Exception:
+        return None
+    return None
+
+
+def _resolve_target(target, x_shape, allowzero) -> np.ndarray | None:
+    """A Reshape target with dim symbols as a constant: a symbol that is the
+    input's own dim at that position copies it (0), one other unknown entry is
+    inferred (-1). None if that does not pin the target."""
+    out, unknown = [], 0
+    for i, v in enumerate(np.asarray(target).reshape(-1)):
+        if isinstance(v, (int, np.integer)):
+            out.append(int(v))
+        elif not allowzero and x_shape is not None and i < len(x_shape) and x_shape[i] == v:
+            out.append(0)
+        else:
+            unknown += 1
+            out.append(-1)
+    if unknown > 1 or out.count(-1) > 1:
+        return None
+    return np.array(out, np.int64)
+
+
 def _int_div(x, y):
     if np.issubdtype(np.result_type(x, y), np.integer):  # ONNX truncates toward zero
         return (np.abs(x) // np.abs(y) * np.sign(x) * np.sign(y)).astype(np.result_type(x, y))
@@ -366,6 +514,20 @@ def _constant_of_shape(ins, a):
     return [np.full(tuple(int(d) for d in ins[0]), value.reshape(-1)[0], value.dtype)]
 
 
+def _reduce(fn):
+    def fold(ins, a):
+        x = ins[0]
+        axes = ins[1] if len(ins) > 1 and ins[1] is not None else a.get("axes")
+        if axes is None or len(axes) == 0:
+            if a.get("noop_with_empty_axes", 0):
+                return [x]
+            axes = None
+        else:
+            axes = tuple(int(v) for v in np.asarray(axes).reshape(-1))
+        return [np.asarray(fn(x, axis=axes, keepdims=bool(a.get("keepdims", 1)))).astype(x.dtype)]
+    return fold
+
+
 _FOLD = {
     "Gather": lambda i, a: [np.take(i[0], i[1], axis=a.get("axis", 0))],
     "Slice": _slice,
@@ -384,4 +546,31 @@ _FOLD = {
     "Mul": lambda i, a: [np.multiply(i[0], i[1])],
     "Div": lambda i, a: [_int_div(i[0], i[1])],
     "Transpose": lambda i, a: [np.transpose(i[0], a.get("perm"))],
+    "Neg": lambda i, a: [np.negative(i[0])],
+    "Abs": lambda i, a: [np.abs(i[0])],
+    "Sqrt": lambda i, a: [np.sqrt(i[0])],
+    "Reciprocal": lambda i, a: [np.reciprocal(i[0])],
+    "Exp": lambda i, a: [np.exp(i[0])],
+    "Log": lambda i, a: [np.log(i[0])],
+    "Floor": lambda i, a: [np.floor(i[0])],
+    "Ceil": lambda i, a: [np.ceil(i[0])],
+    "Relu": lambda i, a: [np.maximum(i[0], 0).astype(i[0].dtype)],
+    "Pow": lambda i, a: [np.power(i[0], i[1]).astype(i[0].dtype)],
+    "Max": lambda i, a: [reduce(np.maximum, [x for x in i if x is not None])],
+    "Min": lambda i, a: [reduce(np.minimum, [x for x in i if x is not None])],
+    "Sum": lambda i, a: [reduce(np.add, [x for x in i if x is not None])],
+    "Equal": lambda i, a: [np.equal(i[0], i[1])],
+    "Less": lambda i, a: [np.less(i[0], i[1])],
+    "Greater": lambda i, a: [np.greater(i[0], i[1])],
+    "Not": lambda i, a: [np.logical_not(i[0])],
+    "Where": lambda i, a: [np.where(i[0], i[1], i[2])],
+    "Clip": lambda i, a: [np.clip(i[0], *(b if b is not None else v for b, v in zip(
+        (i + [None, None])[1:3], (-np.inf, np.inf)))).astype(i[0].dtype)],
+    "Flatten": lambda i, a: [i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1)],
+    "Tile": lambda i, a: [np.tile(i[0], [int(r) for r in i[1]])],
+    "ReduceProd": _reduce(np.prod),
+    "ReduceSum": _reduce(np.sum),
+    "ReduceMean": _reduce(np.mean),
+    "ReduceMax": _reduce(np.max),
+    "ReduceMin": _reduce(np.min),
 }

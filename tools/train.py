@@ -34,15 +34,20 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-if _ROOT not in sys.path:  # models/ and qnrt/ when run from a source tree
+# `python tools/train.py` puts tools/ first on sys.path, where sibling scripts
+# (e.g. tools/profile.py) would shadow standard-library modules that torch
+# imports. Drop it (tools/datasets.py is loaded by path below) and make the
+# source tree's models/ and qnrt/ importable.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 from models.quicknet import BN_EPSILON, layer_plan, weight_shapes  # noqa: E402
 

@@ -52,6 +52,7 @@ REGISTRY: dict[str, OpDef] = {}
 _MODULES = (
     "conv", "pool", "global_pool", "activation", "binary", "batchnorm",
     "gemm", "matmul", "softmax", "transpose", "concat", "reshape",
+    "pad", "conv_transpose", "resize", "split", "slice", "unary_math", "reduce",
 )
 _loaded = False
 

@@ -22,7 +22,7 @@ def gather_plan(node, in_shape, tables):
         t = np.asarray(t, np.int64)
         ident = t.size == n and bool(np.array_equal(t, np.arange(n)))
         if dims and ident and dims[-1][2]:
-            pn, pt, _ = dims[-1]
+            pn = dims[-1][0]
             dims[-1] = (pn * n, np.arange(pn * n, dtype=np.int64), True)
         else:
             dims.append((int(n), t, ident))

@@ -5,11 +5,18 @@ Extra attrs (set by the fusion pass): `activation` in ACT_CODES, with
 `activation_min`/`activation_max` (Clip); for PRelu the per-output-channel
 slope is input 3.
 
-Paths: pointwise 1x1 (one BLAS matmul per image), depthwise (direct Numba
-loops: channels-last for small planes, per-row otherwise), and the general one
-(im2col tiles in the workspace + matmul).
+Paths:
+- pointwise 1x1: one BLAS matmul per image; a batch of small images gathered
+  into one matmul; at most 4 columns in all (weight-streaming bound) a Numba
+  kernel over a transposed copy of W;
+- depthwise: direct Numba loops. 3x3/s1/p1 (QuickNet's): channels-last below
+  12 columns, a zero-padded flat kernel below 24, a flat plane kernel above;
+  other windows: channels-last for small planes, per-row otherwise;
+- the general one: im2col tiles in the workspace + matmul.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
@@ -22,6 +29,13 @@ WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
 MIN_TILE = 64  # columns; BLAS gets inefficient below this
 NHWC_MAX_WIDTH = 64  # depthwise outputs narrower than this go channels-last
 NHWC_MAX_BYTES = 2 * 1024 * 1024  # ... if the transposed image fits this workspace
+DW3X3_NHWC_MAX_WIDTH = 12  # ... or, for 3x3/s1/p1 (whose plane kernel is faster), this
+DW3X3_PAD_MAX_WIDTH = 24  # 3x3/s1/p1 narrower than this: zero-padded flat kernel
+BATCH_MAX_HW = 32  # pointwise: batches of images this small share one matmul ...
+BATCH_COLS = 256  # ... of about this many columns
+BATCH_WS_BYTES = 1024 * 1024  # ... within this workspace (gathered X and the product)
+SKINNY_COLS = 4  # pointwise with at most this many columns in all (N * H * W) ...
+SKINNY_MIN_WEIGHTS = 256 * 256  # ... and this many weights streams W.T in Numba
 
 
 def _geometry(node, in_shapes):
@@ -106,10 +120,45 @@ def prepare(node, in_shapes, out_shapes, consts):
 
 
 def _pointwise(g, w_c, side, epi):
-    """1x1 stride 1: Y[n] = W (Cout, Cin) @ X[n] (Cin, HW) in BLAS, then the epilogue."""
+    """1x1 stride 1: Y[n] = W (Cout, Cin) @ X[n] (Cin, HW) in BLAS, then the epilogue.
+    With a batch of small images (HW <= BATCH_MAX_HW) one matmul per image
+    would re-read W for every image and give BLAS too few columns: chunks of
+    images are gathered into a (Cin, images * HW) workspace, multiplied at
+    once, and scattered back through the epilogue. With at most SKINNY_COLS
+    columns in all (the late layers of a small image) the time is the one pass
+    over W, which BLAS's packing slows down: a Numba kernel streams a
+    transposed copy of W once instead."""
     n, cin, cout, hw = g["n"], g["cin"], g["cout"], g["h"] * g["w"]
     kind, a, b, has_epi = epi
     w2 = w_c.reshape(cout, cin) if w_c is not None else None
+    if w2 is not None and n * hw <= SKINNY_COLS and cin * cout >= SKINNY_MIN_WEIGHTS:
+        wt = _transposed(w2)
+        ws_bytes = 4 * SKINNY_COLS * (cin + cout)
+
+        def run(ins, outs, workspace):
+            bias, slope = side(ins)
+            ws = workspace[:ws_bytes].view(np.float32)
+            _pw_skinny(ins[0].reshape(n, cin, hw), wt, ws[:cin * SKINNY_COLS].reshape(
+                cin, SKINNY_COLS), ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, cout),
+                outs[0].reshape(n, cout, hw), bias, slope, kind, a, b)
+        return Kernel(run, workspace=ws_bytes)
+    nb = min(n, max(1, BATCH_COLS // hw), max(1, BATCH_WS_BYTES // (4 * hw * (cin + cout))))
+    if n > 1 and hw <= BATCH_MAX_HW and nb > 1:
+        cols = nb * hw
+        chunks = [(n0, min(nb, n - n0) * hw) for n0 in range(0, n, nb)]
+
+        def run(ins, outs, workspace):
+            x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
+            wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
+            bias, slope = side(ins)
+            ws = workspace[:4 * cols * (cin + cout)].view(np.float32)
+            xs, ys = ws[:cin * cols].reshape(cin, cols), ws[cin * cols:].reshape(cout, cols)
+            for n0, c in chunks:
+                xv, yv = (xs, ys) if c == cols else (xs[:, :c], ys[:, :c])
+                _gather_images(x3, n0, xv)
+                np.matmul(wm, xv, out=yv)
+                _scatter_images(yv, y3, n0, bias, slope, kind, a, b)
+        return Kernel(run, workspace=4 * cols * (cin + cout))
 
     def run(ins, outs, workspace):
         x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
@@ -122,15 +171,122 @@ def _pointwise(g, w_c, side, epi):
     return Kernel(run)
 
 
+_TRANSPOSED: dict = {}  # id(W's array) -> (weakref to it, W.T copy)
+
+
+def _transposed(w2):
+    """A C-contiguous W.T (Cin, Cout) for the skinny kernel, made once per
+    weight const and shared by every program (input shape) of a session."""
+    src = w2.base if w2.base is not None else w2
+    key = id(src)
+    hit = _TRANSPOSED.get(key)
+    if hit is not None and hit[0]() is src and hit[1].shape == w2.shape[::-1]:
+        return hit[1]
+    wt = np.ascontiguousarray(w2.T)
+
+    def forget(ref, key=key, cache=_TRANSPOSED):
+        entry = cache.get(key)
+        if entry is not None and entry[0] is ref:
+            del cache[key]
+    try:
+        _TRANSPOSED[key] = (weakref.ref(src, forget), wt)
+    except TypeError:  # not weak-referenceable: no sharing
+        pass
+    return wt
+
+
+@njit
+def _pw_skinny(x3, wt, xs, yt, y3, bias, slope, kind, a, b):
+    """Y = W @ X for at most 4 columns in all (images x pixels), W given as
+    wt = W.T (Cin, Cout): X goes to xs (Cin, 4, zero-padded), then every row
+    of wt is read once and added, scaled by four inputs at a time, to the
+    four accumulator rows yt (4, Cout) (vectorizes over Cout without
+    reordering any sum across lanes); then bias + activation and the scatter."""
+    n_, cin, hw = x3.shape
+    cout = wt.shape[1]
+    ncols = n_ * hw
+    xs[:] = 0
+    for j in range(ncols):
+        xn = x3[j // hw]
+        p = j % hw
+        for c in range(cin):
+            xs[c, j] = xn[c, p]
+    y0, y1, y2, y3_ = yt[0], yt[1], yt[2], yt[3]
+    y0[:] = 0
+    y1[:] = 0
+    y2[:] = 0
+    y3_[:] = 0
+    c4 = cin - cin % 4
+    for c in range(0, c4, 4):
+        w, u, v, t = wt[c], wt[c + 1], wt[c + 2], wt[c + 3]
+        xa, xb, xc, xd = xs[c], xs[c + 1], xs[c + 2], xs[c + 3]
+        a0, a1, a2, a3 = xa[0], xa[1], xa[2], xa[3]
+        b0, b1, b2, b3 = xb[0], xb[1], xb[2], xb[3]
+        c0, c1, c2, c3 = xc[0], xc[1], xc[2], xc[3]
+        d0, d1, d2, d3 = xd[0], xd[1], xd[2], xd[3]
+        for k in range(cout):
+            wv, uv, vv, tv = w[k], u[k], v[k], t[k]
+            y0[k] += (a0 * wv + b0 * uv) + (c0 * vv + d0 * tv)
+            y1[k] += (a1 * wv + b1 * uv) + (c1 * vv + d1 * tv)
+            y2[k] += (a2 * wv + b2 * uv) + (c2 * vv + d2 * tv)
+            y3_[k] += (a3 * wv + b3 * uv) + (c3 * vv + d3 * tv)
+    for c in range(c4, cin):
+        w, xa = wt[c], xs[c]
+        a0, a1, a2, a3 = xa[0], xa[1], xa[2], xa[3]
+        for k in range(cout):
+            wv = w[k]
+            y0[k] += a0 * wv
+            y1[k] += a1 * wv
+            y2[k] += a2 * wv
+            y3_[k] += a3 * wv
+    for j in range(ncols):
+        row = yt[j]
+        for k in range(cout):
+            row[k] += bias[k]
+        act_vec(row, slope, kind, a, b)
+        yn = y3[j // hw]
+        p = j % hw
+        for k in range(cout):
+            yn[k, p] = row[k]
+
+
+@njit
+def _gather_images(x, n0, xs):
+    """xs[c, j * HW + p] = x[n0 + j, c, p] for the xs.shape[1] // HW images from n0."""
+    hw = x.shape[2]
+    for j in range(xs.shape[1] // hw):
+        for c in range(x.shape[1]):
+            src, dst = x[n0 + j, c], xs[c, j * hw:(j + 1) * hw]
+            for p in range(hw):
+                dst[p] = src[p]
+
+
+@njit
+def _scatter_images(ys, y, n0, bias, slope, kind, a, b):
+    """y[n0 + j, c] = act(ys[c, j * HW:(j + 1) * HW] + bias[c]): the inverse of
+    _gather_images with Conv's epilogue on each row while it is in L1."""
+    hw = y.shape[2]
+    for j in range(ys.shape[1] // hw):
+        for c in range(y.shape[1]):
+            src, dst = ys[c, j * hw:(j + 1) * hw], y[n0 + j, c]
+            for p in range(hw):
+                dst[p] = src[p]
+            if kind != 0 or bias[c] != 0:
+                act_row(dst, bias[c], slope[c], kind, a, b)
+
+
 def _depthwise_kernel(g, w_c, side, epi):
-    """group == Cin: small planes go channels-last, 3x3/s1/p1 has its own row
-    kernel, anything else the general row kernel."""
+    """group == Cin: small planes go channels-last; 3x3/s1/p1 has a padded
+    kernel for narrow planes and a plane kernel for wide ones; anything else
+    the general row kernel."""
     cin, cout, kh, kw, oh, ow = g["cin"], g["cout"], g["kh"], g["kw"], g["oh"], g["ow"]
     (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
     kind, a, b, _ = epi
     mult, hw, ohw = cout // cin, g["h"] * g["w"], oh * ow
     nhwc_bytes = ((hw + 1) * cin + ohw * cin) * 4
-    if mult == 1 and ow < NHWC_MAX_WIDTH and nhwc_bytes <= NHWC_MAX_BYTES:
+    dw3x3 = (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1) and g["begin"] == g["end"] == [1, 1]
+    nhwc_width = min(NHWC_MAX_WIDTH, DW3X3_NHWC_MAX_WIDTH) if dw3x3 else NHWC_MAX_WIDTH
+    if mult == 1 and ow < nhwc_width and nhwc_bytes <= NHWC_MAX_BYTES:
         taps = _nhwc_taps(g["h"], g["w"], oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
 
         def weights_t(w):  # (K3, C), zero rows for the padding taps
@@ -148,7 +304,17 @@ def _depthwise_kernel(g, w_c, side, epi):
         return Kernel(run, workspace=nhwc_bytes)
 
     wd = numba_const(w_c) if w_c is not None else None
-    if (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1) and g["begin"] == g["end"] == [1, 1]:
+    if dw3x3 and (ow < DW3X3_PAD_MAX_WIDTH or ow < 2):  # (the plane kernel needs W >= 2)
+        sp = g["w"] + 1
+        pad_bytes = 4 * ((oh + 2) * sp + 1 + oh * sp)
+
+        def run(ins, outs, workspace):
+            bias, slope = side(ins)
+            ws = workspace[:pad_bytes].view(np.float32)
+            _dw3x3_padded(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
+                          kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:])
+        return Kernel(run, workspace=pad_bytes)
+    if dw3x3:
         def run(ins, outs, workspace):
             bias, slope = side(ins)
             _dw3x3(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
@@ -225,36 +391,119 @@ def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
 
 @njit
 def _dw3x3(x, w, bias, slope, y, mult, kind, a, b):
-    """Depthwise 3x3, stride 1, pad 1 (QuickNet's): every output pixel in one
-    pass over three input rows; a zero row stands in above/below the image."""
-    n_, c_, h, wd = x.shape
-    zero = np.zeros(wd, np.float32)
-    for n in range(n_):
+    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane."""
+    zero = np.zeros(x.shape[3], np.float32)
+    for n in range(x.shape[0]):
+        for m in range(y.shape[1]):
+            _dw3x3_plane(x[n, m // mult], y[n, m], w[m, 0], bias[m], slope[m], zero,
+                         kind, a, b)
+
+
+@njit
+def _dw3x3_plane(xc, yc, k, bm, s, zero, kind, a, b):
+    """One (H, W >= 2) plane. Rows 1 .. H-2 are one flat loop over the plane
+    (long, so it vectorizes well even for narrow images; its first and last
+    columns wrap around to the neighbouring rows and are redone after), then
+    rows 0 and H-1 against a zero row. PRelu/LeakyRelu run inside the loops,
+    other activations as one pass over the plane while it is in cache."""
+    h, wd = xc.shape
+    hw, e = h * wd, wd - 1
+    xf, yf = xc.reshape(hw), yc.reshape(hw)
+    w00, w01, w02, w10, w11, w12 = k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2]
+    w20, w21, w22 = k[2, 0], k[2, 1], k[2, 2]
+    leaky = kind == 2 or kind == 7
+    sl = s if kind == 2 else np.float32(a)
+    if h > 2:
+        t0, t1, t2 = xf[0:], xf[1:], xf[2:]
+        m0, m1, m2 = xf[wd:], xf[wd + 1:], xf[wd + 2:]
+        b0, b1, b2 = xf[2 * wd:], xf[2 * wd + 1:], xf[2 * wd + 2:]
+        o = yf[wd + 1:]
+        if leaky:
+            for j in range((h - 2) * wd - 2):
+                v = bm + (w00 * t0[j] + w01 * t1[j] + w02 * t2[j]
+                          + w10 * m0[j] + w11 * m1[j] + w12 * m2[j]
+                          + w20 * b0[j] + w21 * b1[j] + w22 * b2[j])
+                o[j] = v if v >= 0 else v * sl
+        else:
+            for j in range((h - 2) * wd - 2):
+                o[j] = bm + (w00 * t0[j] + w01 * t1[j] + w02 * t2[j]
+                             + w10 * m0[j] + w11 * m1[j] + w12 * m2[j]
+                             + w20 * b0[j] + w21 * b1[j] + w22 * b2[j])
+        for i in range(1, h - 1):
+            r0, r1, r2 = xc[i - 1], xc[i], xc[i + 1]
+            v0 = bm + (w01 * r0[0] + w02 * r0[1] + w11 * r1[0] + w12 * r1[1]
+                       + w21 * r2[0] + w22 * r2[1])
+            ve = bm + (w00 * r0[e - 1] + w01 * r0[e] + w10 * r1[e - 1] + w11 * r1[e]
+                       + w20 * r2[e - 1] + w21 * r2[e])
+            if leaky:
+                v0 = v0 if v0 >= 0 else v0 * sl
+                ve = ve if ve >= 0 else ve * sl
+            yc[i, 0], yc[i, e] = v0, ve
+    for i in (0, h - 1):
+        r0 = xc[i - 1] if i > 0 else zero
+        r1 = xc[i]
+        r2 = xc[i + 1] if i + 1 < h else zero
+        out = yc[i]
+        out[0] = bm + (w01 * r0[0] + w02 * r0[1] + w11 * r1[0] + w12 * r1[1]
+                       + w21 * r2[0] + w22 * r2[1])
+        out[e] = bm + (w00 * r0[e - 1] + w01 * r0[e] + w10 * r1[e - 1] + w11 * r1[e]
+                       + w20 * r2[e - 1] + w21 * r2[e])
+        o, a0, a1, a2 = out[1:], r0[1:], r1[1:], r2[1:]
+        b0, b1, b2 = r0[2:], r1[2:], r2[2:]
+        for j in range(wd - 2):
+            o[j] = bm + (w00 * r0[j] + w01 * a0[j] + w02 * b0[j]
+                         + w10 * r1[j] + w11 * a1[j] + w12 * b1[j]
+                         + w20 * r2[j] + w21 * a2[j] + w22 * b2[j])
+        if leaky:
+            act_row(out, np.float32(0), sl, 2, a, b)
+    if not leaky and kind != 0:
+        act_row(yf, np.float32(0), s, kind, a, b)
+
+
+@njit
+def _dw3x3_padded(x, w, bias, slope, y, mult, kind, a, b, xp, yp):
+    """Depthwise 3x3, stride 1, pad 1 for narrow planes, where the per-row
+    and per-border work of _dw3x3_plane dominates: each plane is copied into
+    xp with a zero row above and below and one zero column between rows
+    (row stride W + 1, which pads both the right of a row and the left of the
+    next), then every output pixel is one flat loop over xp (into yp, same
+    stride; the zero-column positions are computed and dropped) and the rows
+    are copied out. xp: (H + 2) * (W + 1) + 1 floats, yp: H * (W + 1)."""
+    h, wd = x.shape[2], x.shape[3]
+    s_ = wd + 1
+    span = h * s_ - 1
+    xp[:] = 0
+    leaky = kind == 2 or kind == 7
+    for n in range(x.shape[0]):
         for m in range(y.shape[1]):
             xc, yc, k, bm = x[n, m // mult], y[n, m], w[m, 0], bias[m]
+            sl = slope[m] if kind == 2 else np.float32(a)
+            for i in range(h):
+                src, dst = xc[i], xp[(i + 1) * s_ + 1:]
+                for j in range(wd):
+                    dst[j] = src[j]
             w00, w01, w02, w10, w11, w12 = k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2]
             w20, w21, w22 = k[2, 0], k[2, 1], k[2, 2]
-            for oh in range(h):
-                r0 = xc[oh - 1] if oh > 0 else zero
-                r1 = xc[oh]
-                r2 = xc[oh + 1] if oh + 1 < h else zero
-                out = yc[oh]
-                if wd == 1:
-                    out[0] = bm + (w01 * r0[0] + w11 * r1[0] + w21 * r2[0])
-                else:
-                    e = wd - 1
-                    out[0] = bm + (w01 * r0[0] + w02 * r0[1] + w11 * r1[0] + w12 * r1[1]
-                                   + w21 * r2[0] + w22 * r2[1])
-                    out[e] = bm + (w00 * r0[e - 1] + w01 * r0[e] + w10 * r1[e - 1] + w11 * r1[e]
-                                   + w20 * r2[e - 1] + w21 * r2[e])
-                    o, a0, a1, a2 = out[1:], r0[1:], r1[1:], r2[1:]
-                    b0, b1, b2 = r0[2:], r1[2:], r2[2:]
-                    for j in range(wd - 2):
-                        o[j] = bm + (w00 * r0[j] + w01 * a0[j] + w02 * b0[j]
-                                     + w10 * r1[j] + w11 * a1[j] + w12 * b1[j]
-                                     + w20 * r2[j] + w21 * a2[j] + w22 * b2[j])
-                if kind != 0:
-                    act_row(out, np.float32(0), slope[m], kind, a, b)
+            t0, t1, t2 = xp[0:], xp[1:], xp[2:]
+            m0, m1, m2 = xp[s_:], xp[s_ + 1:], xp[s_ + 2:]
+            b0, b1, b2 = xp[2 * s_:], xp[2 * s_ + 1:], xp[2 * s_ + 2:]
+            if leaky:
+                for q in range(span):
+                    v = bm + (w00 * t0[q] + w01 * t1[q] + w02 * t2[q]
+                              + w10 * m0[q] + w11 * m1[q] + w12 * m2[q]
+                              + w20 * b0[q] + w21 * b1[q] + w22 * b2[q])
+                    yp[q] = v if v >= 0 else v * sl
+            else:
+                for q in range(span):
+                    yp[q] = bm + (w00 * t0[q] + w01 * t1[q] + w02 * t2[q]
+                                  + w10 * m0[q] + w11 * m1[q] + w12 * m2[q]
+                                  + w20 * b0[q] + w21 * b1[q] + w22 * b2[q])
+            for i in range(h):
+                src, dst = yp[i * s_:], yc[i]
+                for j in range(wd):
+                    dst[j] = src[j]
+            if not leaky and kind != 0:
+                act_row(yc.reshape(h * wd), np.float32(0), slope[m], kind, a, b)
 
 
 @njit

@@ -5,7 +5,11 @@ Per image, group and tile of input pixels: columns = W_g^T (Mg*KH*KW, Cg) @
 X tile (Cg, T) in BLAS (the tile in the workspace), then col2im adds every
 column into the output, which starts as the bias. Pads follow the ONNX
 formulas (with output_shape or SAME_*: total padding split with the odd
-pixel at the end for SAME_UPPER, at the beginning otherwise).
+pixel at the end for SAME_UPPER, at the beginning otherwise). SAME_* sizes the
+output input * stride, like onnxruntime never larger than the unpadded
+output (when kernel extent + output_padding < stride). output_padding may be
+up to max(stride, dilation) - 1 (the spec's bound; onnxruntime refuses
+output_padding >= stride).
 """
 from __future__ import annotations
 
@@ -51,15 +55,16 @@ def _geometry(node, in_shapes):
         fail(node, f"unknown auto_pad '{auto}'")
     out_shape = attr_ints(node, "output_shape")
     if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
-        if out_shape is None:
-            out = [i * s for i, s in zip(spatial, strides)]
+        if out_shape is None:  # input * stride, or the full output when that is smaller
+            total = [max(0, f - i * s) for f, i, s in zip(full, spatial, strides)]
+            out = [f - t for f, t in zip(full, total)]
         else:
-            out = out_shape[-r:] if len(out_shape) in (r, r + 2) else None
-            if out is None:
+            if len(out_shape) not in (r, r + 2):
                 fail(node, f"output_shape {out_shape} needs {r} spatial sizes")
-        total = [f - o for f, o in zip(full, out)]
-        if out_shape is not None and min(total) < 0:
-            fail(node, f"output_shape {out_shape} is larger than the full output {full}")
+            out = out_shape[-r:]
+            total = [f - o for f, o in zip(full, out)]
+            if min(total) < 0:
+                fail(node, f"output_shape {out_shape} is larger than the full output {full}")
         if auto == "SAME_UPPER":
             begin = [t // 2 for t in total]
         else:

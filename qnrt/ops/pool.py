@@ -7,6 +7,11 @@ from . import Kernel, register
 from ._common import attr_ints, fail, njit, valid_range as _valid, window_geometry
 
 
+# A max over a window that lies entirely in the padding: ONNX Runtime (and so
+# qnrt) answers the lowest finite float32, not -inf.
+LOWEST = np.float32(np.finfo(np.float32).min)
+
+
 def _geometry(node, in_shapes):
     x = in_shapes[0]
     if x is None or len(x) != 4:
@@ -74,7 +79,8 @@ def _max2x2(x, y):
 @njit
 def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
     """Each output row combines, tap by tap, the column range where the tap is
-    inside the image (padding never wins a max and adds 0 to a sum)."""
+    inside the image (padding never wins a max and adds 0 to a sum; a window
+    with no tap inside gives LOWEST, as in ONNX Runtime)."""
     n_, c_, h, w = x.shape
     oh_, ow_ = y.shape[2], y.shape[3]
     for n in range(n_):
@@ -82,7 +88,7 @@ def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
             xc, yc = x[n, c], y[n, c]
             for oh in range(oh_):
                 row = yc[oh]
-                row[:] = -np.inf if is_max else 0
+                row[:] = LOWEST if is_max else 0
                 for kh in range(kh_):
                     ih = oh * sh - ph + kh * dh
                     if ih < 0 or ih >= h:

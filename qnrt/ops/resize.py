@@ -9,7 +9,10 @@ half_pixel, half_pixel_symmetric, pytorch_half_pixel, align_corners,
 asymmetric, tf_half_pixel_for_nn. Resize-10 and Upsample use asymmetric
 coordinates and onnxruntime's legacy nearest rounding (ceil when shrinking,
 floor when growing). Coordinates are computed in float32 in onnxruntime's
-order so that nearest picks the same pixels on ties.
+order (near-ties within TIE_EPS count as ties) so that nearest picks the same
+pixels as onnxruntime. Like onnxruntime, an output of the input's shape is a
+copy (whatever the scales), and every axis whose scale is 1 is copied (the
+spec would shift such axes by half a pixel with tf_half_pixel_for_nn).
 
 Not supported (GraphError): cubic, tf_crop_and_resize, antialias when
 shrinking, keep_aspect_ratio_policy other than stretch.
@@ -19,13 +22,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import Kernel, register
-from ._common import attr_str, const_of, fail, has_input, int_list, njit, norm_axis, numba_const
+from ._common import attr_str, const_of, fail, has_input, njit, norm_axis, numba_const
 from ._gather import gather6, gather_plan
 
 COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners",
                "asymmetric", "tf_half_pixel_for_nn")
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 F = np.float32
+# round_prefer_*: a coordinate this close to k + 0.5 is a tie (the float32
+# rounding of an exact half, e.g. 1 / (2/7) = 3.4999998); measured on
+# onnxruntime 1.32, which resolves such near-ties by the prefer rule too
+TIE_EPS = 1e-6
 
 
 def _settings(node):
@@ -114,11 +121,11 @@ def _coords(n_in, n_out, scale, coord):
     half, one = F(0.5), F(1)
     if coord == "half_pixel":
         return (o + half) / s - half
-    if coord == "half_pixel_symmetric":
+    if coord == "half_pixel_symmetric":  # onnxruntime: the last step in double
         adjustment = lo / (s * li)
         center = li / F(2)
         offset = center * (one - adjustment)
-        return offset + (o + half) / s - half
+        return (np.float64(offset) + (o.astype(np.float64) + 0.5) / np.float64(s) - 0.5).astype(F)
     if coord == "pytorch_half_pixel":
         return (o + half) / s - half if n_out > 1 else np.zeros(n_out, F)
     if coord == "tf_half_pixel_for_nn":
@@ -129,14 +136,17 @@ def _coords(n_in, n_out, scale, coord):
 
 
 def _nearest_table(n_in, n_out, scale, coord, nearest):
+    if scale == 1 and n_in == n_out:  # as onnxruntime (tf_half_pixel_for_nn would shift)
+        return np.arange(n_in, dtype=np.int64)
     x = _coords(n_in, n_out, scale, coord).astype(np.float64)  # exact
     away = np.sign(x) * np.floor(np.abs(x) + 0.5)  # std::round
+    tie = np.abs(x - np.floor(x) - 0.5) <= TIE_EPS
     if nearest == "legacy":
         i = np.ceil(x) if scale < 1 else np.trunc(x)
     elif nearest == "round_prefer_floor":
-        i = np.where(x == np.trunc(x) + 0.5, np.floor(x), away)
+        i = np.where(tie, np.floor(x), away)
     elif nearest == "round_prefer_ceil":
-        i = away
+        i = np.where(tie, np.floor(x) + 1, away)
     elif nearest == "floor":
         i = np.floor(x)
     else:
@@ -146,6 +156,9 @@ def _nearest_table(n_in, n_out, scale, coord, nearest):
 
 def _linear_table(n_in, n_out, scale, coord):
     """(i0, i1, w0, w1): each output reads w0 * x[i0] + w1 * x[i1]."""
+    if scale == 1 and n_in == n_out:  # copied, as in onnxruntime
+        i = np.arange(n_in, dtype=np.int64)
+        return i, i, np.ones(n_in, F), np.zeros(n_in, F)
     x = np.clip(_coords(n_in, n_out, scale, coord), F(0), F(n_in - 1)).astype(F)
     i0 = np.minimum(x.astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
@@ -171,8 +184,9 @@ def prepare(node, in_shapes, out_shapes, consts):
     cx = const_of(node, 0, consts)
     cx = numba_const(cx).reshape(-1) if cx is not None else None
     size, xsize = int(np.prod(y)), int(np.prod(x))
-    if mode == "nearest":
-        tables = [_nearest_table(n, o, s, coord, nearest) for n, o, s in zip(x, out, sc)]
+    if mode == "nearest" or y == x:  # (same shape: a copy, as in onnxruntime)
+        tables = [_nearest_table(n, o, s if y != x else F(1), coord, nearest)
+                  for n, o, s in zip(x, out, sc)]
         tab, xs, shape, lo, hi = gather_plan(node, x, tables)
 
         def run(ins, outs, workspace):

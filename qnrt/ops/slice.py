@@ -1,6 +1,8 @@
 """Slice (a copy): starts/ends/axes/steps from const inputs (opset 10+) or
 the starts/ends/axes attrs (older). Negative indices count from the end,
-out-of-range ones are clamped, steps may be negative (ONNX rules)."""
+out-of-range ones are clamped, steps may be negative (ONNX rules). An end
+of INT32_MAX or INT64_MAX means "to the end" in the step's direction, as in
+onnxruntime (so x[::-1] may be spelled start -1, end INT_MAX, step -1)."""
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +41,11 @@ def _plan(node, x, consts):
         d = int(x[a])
         if st == 0:
             fail(node, f"step of axis {a} is 0")
-        s, e = (s + d if s < 0 else s), (e + d if e < 0 else e)
+        if e in (2**31 - 1, 2**63 - 1):  # INT_MAX: to the end, either way (as onnxruntime)
+            e = d if st > 0 else -1
+        else:
+            e = e + d if e < 0 else e
+        s = s + d if s < 0 else s
         if st > 0:
             s, e = min(max(s, 0), d), min(max(e, 0), d)
             n = max(0, -(-(e - s) // st))
