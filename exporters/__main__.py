@@ -50,7 +50,7 @@ def cmd_convert(args) -> int:
     from .convert import convert
 
     convert(args.input, args.output, args.input_shape, args.labels, args.preprocess,
-            log=lambda m: print(m, file=sys.stderr))
+            nchw_input=args.nchw_input, log=lambda m: print(m, file=sys.stderr))
     return 0
 
 
@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     c.add_argument("--input-shape", type=_shape)
     c.add_argument("--labels")
     c.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--nchw-input", action="store_true",
+                   help="turn an NHWC input + Transpose into an NCHW input")
     c.set_defaults(func=cmd_convert)
     args = parser.parse_args(argv)
     if not (getattr(args, "onnx", 1) or getattr(args, "qnb", 1)):

@@ -148,7 +148,8 @@ def cmd_convert(args) -> int:
         raise CliError(f"qnrt convert needs the exporter extras ({exc}); "
                        "install them with: pip install 'qnrt[export]'") from None
     convert(args.input, args.output, input_shape=args.input_shape, labels=args.labels,
-            preprocess=args.preprocess, log=lambda msg: print(msg, file=sys.stderr))
+            preprocess=args.preprocess, nchw_input=args.nchw_input,
+            log=lambda msg: print(msg, file=sys.stderr))
     return 0
 
 
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
                       help="preprocessing metadata, e.g. size=32,32 mean=0.5,0.5,0.5 "
                            "std=0.5,0.5,0.5 mode=RGB scale=0.00392 (repeatable)")
+    conv.add_argument("--nchw-input", action="store_true",
+                      help="an NHWC model input followed by a Transpose becomes an NCHW input "
+                           "(what `qnrt run` feeds images as); default: keep the model's own")
     conv.set_defaults(func=cmd_convert)
 
     comp = sub.add_parser("compress", help="Deep Compression: k-means weight sharing + Huffman",

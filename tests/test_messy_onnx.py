@@ -124,7 +124,7 @@ def ops_of(graph) -> Counter:
 def tf_nhwc(opset) -> Case:
     """tf2onnx/keras2onnx style: NHWC input, a Transpose pair around every conv and
     pool, batch norm as Mul/Add on NHWC (per-channel (C,) constants), a residual
-    Add and a channel Concat in NHWC, hard-swish spelled x*relu6(x+3)/6, global
+    Add, an edge Pad and a channel Concat in NHWC, hard-swish spelled x*relu6(x+3)/6, global
     average pool as ReduceMean over H, W, a MatMul head."""
     b = Builder(opset)
     nchw, nhwc = (0, 3, 1, 2), (0, 2, 3, 1)
@@ -135,6 +135,7 @@ def tf_nhwc(opset) -> Case:
     r = b.op("Relu", [bn])
     r2 = b.op("Relu", [b.transpose(b.conv(b.transpose(r, nchw), 8, 8), nhwc)])
     s = b.op("Add", [r2, r])
+    s = b.op("Pad", [s, b.const(np.array([0, 0, 0, 0, 0, 1, 1, 0], np.int64))], mode="edge")
     u = b.transpose(b.op("MaxPool", [b.transpose(s, nchw)], kernel_shape=[2, 2], strides=[2, 2]),
                     nhwc)
     v1 = b.transpose(b.conv(b.transpose(u, nchw), 8, 4), nhwc)
@@ -152,6 +153,8 @@ def tf_nhwc(opset) -> Case:
         assert g.inputs[0].shape == ("N", 8, 8, 3)  # the model's own interface is kept
         assert not {"Mul", "Div", "Clip", "Cast", "ReduceMean", "Constant"} & set(ops)
         assert ops["HardSwish"] == 1 and ops["GlobalAveragePool"] == 1 and ops["Conv"] == 4
+        pad = next(n for n in g.nodes if n.op == "Pad")  # now NCHW: pads on H, W
+        assert g.initializers[pad.inputs[1]].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
         assert ops["Add"] == 2  # the residual and the head's bias; the batch norm is gone
         assert counts["batch norms fused"] == 1 and counts["Transposes removed"] == 9
         assert counts["HardSwish"] == 1
