@@ -45,7 +45,14 @@ def cmd_run(args) -> int:
     inp = session.get_inputs()[0]
     if len(inp.shape) != 4:
         raise CliError(f"'{args.model}' takes a {len(inp.shape)}-D input, not an image batch")
-    channels = inp.shape[1]
+    layout = meta.get("model.input_layout") or (
+        "NHWC" if inp.shape[3] in (1, 3) and inp.shape[1] not in (1, 3) else "NCHW")
+    channels = inp.shape[3] if layout == "NHWC" else inp.shape[1]
+    if not isinstance(channels, int):
+        raise CliError(f"'{args.model}' does not say how many channels its input has")
+    hw = inp.shape[1:3] if layout == "NHWC" else inp.shape[2:4]
+    if "preprocess.size" not in meta and all(isinstance(d, int) for d in hw):
+        meta = {**meta, "preprocess.size": list(hw)}  # a fixed-size model tells its size
     paths = list_images(args.images)
     if not paths:
         raise CliError("no images found in " + ", ".join(args.images))
@@ -68,7 +75,10 @@ def cmd_run(args) -> int:
                 print(f"error: {exc}", file=sys.stderr)
         if not batch:
             continue
-        (scores,) = session.run(None, {inp.name: np.stack(batch)})
+        x = np.stack(batch)
+        if layout == "NHWC":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        (scores,) = session.run(None, {inp.name: x})
         scores = scores.reshape(len(batch), -1)
         probs = scores if last_op == "Softmax" else _softmax(scores)
         for path, p in zip(chunk, probs):
