@@ -11,7 +11,9 @@ Sorted slowest first; `--order` keeps graph order instead.
     python tools/profile.py model.qnb --threads 2 --json
 
 BLAS is limited to `--threads` (default 1) through threadpoolctl when it is
-installed, as tools/bench.py does.
+installed, as tools/bench.py does. Timings on a shared machine are noisy:
+compare nodes within one run, and whole runs against onnxruntime with
+tools/bench.py (interleaved).
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from qnrt.cli import _shape  # noqa: E402
+from qnrt.format import FormatError  # noqa: E402
+from qnrt.graph import GraphError  # noqa: E402
 from qnrt.session import Session  # noqa: E402
 
 
-def _macs(step, program) -> int:
+def _macs(step) -> int:
     """Multiply-adds of a Conv/Gemm/MatMul step (0 for other ops)."""
     if step.op == "Conv":
         w, y = step.inputs[1], step.outputs[0]
@@ -63,7 +67,7 @@ def profile(model: str, input_shape=None, repeat: int = 20, warmup: int = 3) -> 
     rows = []
     for k, step in enumerate(steps):
         ms = 1e3 * statistics.median(times[k][warmup:])
-        macs = _macs(step, program)
+        macs = _macs(step)
         node = session.graph.nodes[k]
         act = node.attrs.get("activation")
         rows.append({"index": k, "node": step.node_name or node.outputs[0],
@@ -104,6 +108,9 @@ def main(argv=None) -> int:
         limiter = None
     try:
         rep = profile(args.model, args.input_shape, max(1, args.repeat), max(0, args.warmup))
+    except (OSError, FormatError, GraphError) as e:
+        print(f"profile: {e}", file=sys.stderr)
+        return 2
     finally:
         if limiter is not None:
             limiter.restore_original_limits()

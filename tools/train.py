@@ -15,6 +15,7 @@ graph that the .qnb and ONNX exporters write.
     python tools/train.py --dataset digits --epochs 0 --init-npz models/quicknet_digits.npz \\
         --out-qnb models/quicknet_digits.qnb --out-onnx quicknet_digits.onnx
     # Deep Compression stage 1: magnitude pruning with masked fine-tuning
+    # (80 % of the 1x1 weights: 99.44 % held-out on digits, 6 epochs)
     python tools/train.py --dataset digits --epochs 0 --init-npz models/quicknet_digits.npz \\
         --prune 0.8 --prune-epochs 6 --out-npz quicknet_digits_pruned.npz
 
@@ -391,7 +392,8 @@ def export(neutral: dict[str, np.ndarray], *, width: float, labels: list[str], d
     The writers are imported here, lazily, so training works without them."""
     from models.quicknet import build
 
-    graph = build(neutral, width=width, num_classes=len(labels), labels=list(labels))
+    graph = build(neutral, width=width, num_classes=len(labels), labels=list(labels),
+                  input_size=None)  # fully convolutional: any H, W
     graph.metadata.update(copy.deepcopy(METADATA))
     graph.metadata.update({
         "model.dataset": dataset,
@@ -401,14 +403,16 @@ def export(neutral: dict[str, np.ndarray], *, width: float, labels: list[str], d
     })
     graph.metadata.update(extra_metadata or {})
     written = []
-    if out_qnb:
-        from qnrt.format import save
-        _atomic(lambda p: save(graph, p), out_qnb)
-        written.append(out_qnb)
-    if out_onnx:
+    if out_onnx:  # ONNX keeps batch norm and PReLU as their own nodes
         from exporters.onnx_export import save_onnx
         _atomic(lambda p: save_onnx(graph, p), out_onnx)
         written.append(out_onnx)
+    if out_qnb:  # .qnb gets them folded, so the device maps the weights it runs
+        from exporters.convert import finalize
+        from qnrt.format import save
+        finalize(graph)
+        _atomic(lambda p: save(graph, p), out_qnb)
+        written.append(out_qnb)
     return graph, written
 
 
@@ -447,7 +451,7 @@ def parse_args(argv=None):
     p.add_argument("--prune-all", action="store_true",
                    help="prune the 3x3 stem and depthwise convs too (default: only the 1x1 "
                         "pointwise and head convs, about 99 %% of the weights)")
-    p.add_argument("--prune-lr", type=float, help="learning rate for pruning fine-tune (default lr/10)")
+    p.add_argument("--prune-lr", type=float, help="learning rate for the pruning fine-tune (default lr/2)")
     p.add_argument("--out-npz", help="write the best neutral weights here (.npz)")
     p.add_argument("--out-qnb", help="write the trained model as .qnb (qnrt.format)")
     p.add_argument("--out-onnx", help="write the trained model as ONNX (exporters.onnx_export)")
@@ -526,7 +530,7 @@ def main(argv=None) -> int:
             return magnitude_masks(model, cubic_sparsity(args.prune, step / ramp), which)
 
         run_epochs(model, "prune", args.prune_epochs, data, args, rng,
-                   args.prune_lr or args.lr / 10.0, masks_at=masks_at,
+                   args.prune_lr or args.lr / 2.0, masks_at=masks_at,
                    before_eval=lambda: recalibrate_bn(model, train_images, args.batch_size),
                    on_epoch=lambda e, acc, loss: "masks" in fixed and consider(f"prune epoch {e}", acc, loss))
         if best["state"] is None:

@@ -108,18 +108,18 @@ def prepare(node, in_shapes, out_shapes, consts):
         s = ins[3].reshape(-1)
         return bias, (s if s.size == cout else np.full(cout, s[0], np.float32))
 
-    w_c = const_of(node, 1, consts)
-    w_c = None if w_c is None else np.ascontiguousarray(w_c, dtype=np.float32)
+    w_const = const_of(node, 1, consts)
+    w_c = None if w_const is None else np.ascontiguousarray(w_const, dtype=np.float32)
     epi = (kind, a, b, has_bias or kind != 0)
     if (g["kh"] == g["kw"] == 1 and g["strides"] == [1, 1] and g["group"] == 1
             and g["begin"] == g["end"] == [0, 0]):
-        return _pointwise(g, w_c, side, epi)
+        return _pointwise(g, w_c, side, epi, w_const)
     if g["group"] == g["cin"] and g["cg"] == 1:
         return _depthwise_kernel(g, w_c, side, epi)
     return _general(g, w_c, side, epi)
 
 
-def _pointwise(g, w_c, side, epi):
+def _pointwise(g, w_c, side, epi, w_const=None):
     """1x1 stride 1: Y[n] = W (Cout, Cin) @ X[n] (Cin, HW) in BLAS, then the epilogue.
     With a batch of small images (HW <= BATCH_MAX_HW) one matmul per image
     would re-read W for every image and give BLAS too few columns: chunks of
@@ -132,7 +132,7 @@ def _pointwise(g, w_c, side, epi):
     kind, a, b, has_epi = epi
     w2 = w_c.reshape(cout, cin) if w_c is not None else None
     if w2 is not None and n * hw <= SKINNY_COLS and cin * cout >= SKINNY_MIN_WEIGHTS:
-        wt = _transposed(w2)
+        wt = _transposed(w_const if w_const is not None else w_c, w_c, cout, cin)
         ws_bytes = 4 * SKINNY_COLS * (cin + cout)
 
         def run(ins, outs, workspace):
@@ -152,9 +152,9 @@ def _pointwise(g, w_c, side, epi):
             wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
             bias, slope = side(ins)
             ws = workspace[:4 * cols * (cin + cout)].view(np.float32)
-            xs, ys = ws[:cin * cols].reshape(cin, cols), ws[cin * cols:].reshape(cout, cols)
-            for n0, c in chunks:
-                xv, yv = (xs, ys) if c == cols else (xs[:, :c], ys[:, :c])
+            for n0, c in chunks:  # (a short last chunk: smaller C-contiguous views)
+                xv = ws[:cin * c].reshape(cin, c)
+                yv = ws[cin * cols:cin * cols + cout * c].reshape(cout, c)
                 _gather_images(x3, n0, xv)
                 np.matmul(wm, xv, out=yv)
                 _scatter_images(yv, y3, n0, bias, slope, kind, a, b)
@@ -171,25 +171,25 @@ def _pointwise(g, w_c, side, epi):
     return Kernel(run)
 
 
-_TRANSPOSED: dict = {}  # id(W's array) -> (weakref to it, W.T copy)
+_TRANSPOSED: dict = {}  # (id, address, shape) of a W const -> (weakref to it, W.T copy)
 
 
-def _transposed(w2):
+def _transposed(key_obj, w_c, cout, cin):
     """A C-contiguous W.T (Cin, Cout) for the skinny kernel, made once per
-    weight const and shared by every program (input shape) of a session."""
-    src = w2.base if w2.base is not None else w2
-    key = id(src)
+    weight const (key_obj: the initializer array the session keeps) and
+    shared by every program (input shape) of a session while it lives."""
+    key = (id(key_obj), key_obj.ctypes.data, key_obj.shape)
     hit = _TRANSPOSED.get(key)
-    if hit is not None and hit[0]() is src and hit[1].shape == w2.shape[::-1]:
+    if hit is not None and hit[0]() is key_obj:
         return hit[1]
-    wt = np.ascontiguousarray(w2.T)
+    wt = np.ascontiguousarray(w_c.reshape(cout, cin).T)
 
     def forget(ref, key=key, cache=_TRANSPOSED):
         entry = cache.get(key)
         if entry is not None and entry[0] is ref:
             del cache[key]
     try:
-        _TRANSPOSED[key] = (weakref.ref(src, forget), wt)
+        _TRANSPOSED[key] = (weakref.ref(key_obj, forget), wt)
     except TypeError:  # not weak-referenceable: no sharing
         pass
     return wt
