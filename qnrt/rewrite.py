@@ -14,7 +14,8 @@ import numpy as np
 
 from .graph import Graph, Node
 
-FUSABLE = {"Relu", "PRelu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish"}
+FUSABLE = {"Relu", "PRelu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+           "SiLU"}
 
 
 def optimize(graph: Graph) -> Graph:

@@ -198,6 +198,54 @@ def test_conv_quicknet_shapes():
                 close(run_qnrt("Conv", {"x": x}, {"w": wt, "b": b}, attrs)[0], ref)
 
 
+@pytest.mark.parametrize("xshape, cout", [
+    ((1, 1024, 2, 2), 1024), ((1, 512, 1, 3), 300), ((4, 256, 1, 1), 257),  # <= 4 columns
+    ((8, 64, 4, 4), 96), ((5, 128, 2, 3), 64), ((3, 32, 5, 5), 48),        # batched small images
+])
+@pytest.mark.parametrize("act", ["PRelu", "Relu", ""])
+def test_pointwise_fast_paths(xshape, cout, act):
+    """The few-column and batched-images pointwise kernels against ONNX Runtime's Conv+act."""
+    rng = np.random.default_rng(cout)
+    x, w = rand(rng, xshape), rand(rng, (cout, xshape[1], 1, 1), -0.1, 0.1)
+    b, slope = rand(rng, (cout,)), rand(rng, (cout,), 0.0, 0.5)
+    attrs = {"activation": act} if act else {}
+    names = ["x", "w", "b"] + (["s"] if act == "PRelu" else [])
+    ours = run_qnrt("Conv", {"x": x}, {"w": w, "b": b, "s": slope} if act == "PRelu"
+                    else {"w": w, "b": b}, attrs, names)[0]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"])]
+    inits = {"w": w, "b": b}
+    if act == "PRelu":
+        nodes.append(helper.make_node("PRelu", ["c", "s"], ["y"]))
+        inits["s"] = slope.reshape(cout, 1, 1)
+    elif act:
+        nodes.append(helper.make_node(act, ["c"], ["y"]))
+    else:
+        nodes[0].output[0] = "y"
+    close(ours, ort_run(nodes, {"x": x}, inits)[0])
+
+
+@pytest.mark.parametrize("xshape, wshape, group", [((1, 4, 9, 9), (6, 4, 3, 3), 1),
+                                                   ((2, 8, 7, 7), (8, 1, 3, 3), 8),
+                                                   ((1, 16, 5, 5), (24, 16, 1, 1), 1)])
+def test_conv_fused_silu(xshape, wshape, group):
+    """SiLU (x * sigmoid(x)) fused into each conv path, against ORT's Conv, Sigmoid, Mul."""
+    rng = np.random.default_rng(wshape[0])
+    x, w, b = rand(rng, xshape), rand(rng, wshape, -0.5, 0.5), rand(rng, (wshape[0],))
+    attrs = {"group": group, "pads": [wshape[2] // 2] * 4}
+    ours = run_qnrt("Conv", {"x": x}, {"w": w, "b": b}, {**attrs, "activation": "SiLU"})[0]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs),
+             helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
+    close(ours, ort_run(nodes, {"x": x}, {"w": w, "b": b})[0])
+
+
+@pytest.mark.parametrize("width", [12, 17, 23, 24, 40])
+def test_depthwise_widths(width):
+    """Each width band of the 3x3 depthwise kernels (padded-plane, flat-loop, channels-last)."""
+    rng = np.random.default_rng(width)
+    x, w, b = rand(rng, (2, 6, width - 3, width)), rand(rng, (6, 1, 3, 3)), rand(rng, (6,))
+    check("Conv", {"x": x}, {"w": w, "b": b}, {"group": 6, "pads": [1, 1, 1, 1]})
+
+
 def test_conv_runtime_weights():
     """W, B and a fused PRelu slope may also arrive at run time (not consts)."""
     rng = np.random.default_rng(3)

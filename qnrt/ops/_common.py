@@ -164,7 +164,7 @@ def valid_range(start, step, n, size):
 
 # codes shared by the unary ops and Conv's fused epilogue
 ACT_CODES = {"": 0, "Relu": 1, "PRelu": 2, "Clip": 3, "Sigmoid": 4, "HardSigmoid": 5,
-             "HardSwish": 6, "LeakyRelu": 7, "Tanh": 8}
+             "HardSwish": 6, "LeakyRelu": 7, "Tanh": 8, "SiLU": 9}
 
 
 def activation_params(kind, alpha=None, beta=None, lo=None, hi=None):
@@ -197,6 +197,8 @@ def _act(v, s, kind, a, b):
         return v * max(np.float32(0), min(np.float32(1), a * v + b))
     if kind == 8:
         return np.tanh(v)
+    if kind == 9:
+        return v / (np.float32(1) + np.exp(-v))
     return v
 
 
