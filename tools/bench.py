@@ -45,7 +45,7 @@ COLD_ORT = PEAK_RSS + """
 import time, sys
 t0 = time.perf_counter()
 import numpy as np, onnxruntime as ort
-o = ort.SessionOptions(); o.intra_op_num_threads = 1
+o = ort.SessionOptions(); o.intra_op_num_threads = int(__import__("os").environ["OPENBLAS_NUM_THREADS"])
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
 s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
 t1 = time.perf_counter()
@@ -62,7 +62,7 @@ if engine == "qnrt":  # the engine's import is not the model's cost: import firs
     base = rss(); s = eng.Session(path)
 else:
     import onnxruntime as eng
-    o = eng.SessionOptions(); o.intra_op_num_threads = 1
+    o = eng.SessionOptions(); o.intra_op_num_threads = int(__import__("os").environ["OPENBLAS_NUM_THREADS"])
     base = rss(); s = eng.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 loaded = rss()
 s.run(None, {"input": np.zeros((1, 3, size, size), np.float32)})
@@ -129,8 +129,9 @@ def time_engines(qnb_path: str, onnx_path: str, shape, repeat: int, threads: int
             "ratio": mq / mo, "max_abs_diff": err}
 
 
-def child(script: str, *args) -> list[float]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def child(script: str, *args, threads: int = 1) -> list[float]:
+    # both engines get the same thread count: ORT by its option, numpy's BLAS here
+    env = dict(os.environ, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                          env=env, check=True).stdout
     return [float(v) for v in out.split()]
@@ -166,8 +167,8 @@ def main(argv=None) -> int:
                   f"qnrt/ort {r['ratio']:5.2f}   (median of {repeat}, max |diff| "
                   f"{r['max_abs_diff']:.1e})", file=sys.stderr)
         if args.cold:
-            cq = [child(COLD_QNRT, qnb_path) for _ in range(args.cold)]
-            co = [child(COLD_ORT, onnx_path) for _ in range(args.cold)]
+            cq = [child(COLD_QNRT, qnb_path, threads=args.threads) for _ in range(args.cold)]
+            co = [child(COLD_ORT, onnx_path, threads=args.threads) for _ in range(args.cold)]
             cold = {"qnrt_s": statistics.median(c[0] for c in cq),
                     "ort_s": statistics.median(c[0] for c in co),
                     "qnrt_peak_rss_mib": statistics.median(c[1] for c in cq) / 1024,
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
                   f"ratio {cold['ratio']:.2f}", file=sys.stderr)
             growth = {}
             for engine, path in (("qnrt", qnb_path), ("ort", onnx_path)):
-                load, run = child(RSS_RUN, engine, path, "224")
+                load, run = child(RSS_RUN, engine, path, "224", threads=args.threads)
                 growth[engine] = {"load_mib": load / 1024, "load_and_224_run_mib": run / 1024}
             report["rss_growth"] = growth
             print(f"RSS growth: load qnrt {growth['qnrt']['load_mib']:.1f} MiB vs onnxruntime "

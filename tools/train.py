@@ -38,7 +38,7 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 # `python tools/train.py` puts tools/ first on sys.path, where sibling scripts
-# (e.g. tools/profile.py) would shadow standard-library modules that torch
+# (a script named like a stdlib module) would shadow standard-library modules that torch
 # imports. Drop it (tools/datasets.py is loaded by path below) and make the
 # source tree's models/ and qnrt/ importable.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]

@@ -7,8 +7,8 @@ workspaces `Session.run` uses), times every step with perf_counter over
 its output shape and, for convolutions, the multiply-adds and GFLOP/s.
 Sorted slowest first; `--order` keeps graph order instead.
 
-    python tools/profile.py model.qnb --input-shape 1,3,224,224 --repeat 20
-    python tools/profile.py model.qnb --threads 2 --json
+    python tools/profile_nodes.py model.qnb --input-shape 1,3,224,224 --repeat 20
+    python tools/profile_nodes.py model.qnb --threads 2 --json
 
 BLAS is limited to `--threads` (default 1) through threadpoolctl when it is
 installed, as tools/bench.py does. Timings on a shared machine are noisy:
