@@ -17,8 +17,9 @@ PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
 
 
 def load_any(path: str, input_shape=None, report: Counter | None = None) -> Graph:
-    """An IR graph from .onnx, .h5/.keras or .qnb. ONNX is cleaned up on import
-    (exporters.cleanup); `report` receives what that did."""
+    """An IR graph from .onnx, .h5/.keras, .qnb, or a QuickNet PyTorch state dict
+    (.safetensors, .pt/.pth/.bin: exporters.torch_weights). ONNX is cleaned up
+    on import (exporters.cleanup); `report` receives what that did."""
     ext = os.path.splitext(path)[1].lower()
     if not os.path.exists(path):
         raise FileNotFoundError(path)
@@ -39,7 +40,12 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
         return from_h5(path, input_shape=input_shape)
     if ext == ".qnb":
         return qnb.load(path)
-    raise GraphError(f"{path}: unknown model format '{ext}' (expected .onnx, .h5 or .qnb)")
+    if ext in (".safetensors", ".pt", ".pth", ".bin"):
+        from .torch_weights import load_quicknet
+
+        return load_quicknet(path)  # H, W symbolic; finalize applies input_shape
+    raise GraphError(f"{path}: unknown model format '{ext}' (expected .onnx, .h5, .qnb, "
+                     ".safetensors or .pt/.pth/.bin)")
 
 
 def parse_preprocess(items) -> dict:

@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
                 chunk.append(p)
             except ImageError as exc:
                 failures += 1
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"qnrt: error: {exc}", file=sys.stderr)
         if not batch:
             continue
         x = np.stack(batch)

@@ -59,6 +59,8 @@ def rss():
 engine, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if engine == "qnrt":  # the engine's import is not the model's cost: import first
     import qnrt.session as eng
+    from qnrt.ops import supported_ops
+    supported_ops()  # imports numba and every kernel module (compiled code loads on first use)
     base = rss(); s = eng.Session(path)
 else:
     import onnxruntime as eng
