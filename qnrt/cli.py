@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("input", help="the .qnb to compress")
     comp.add_argument("output", help="the compressed .qnb to write")
     comp.add_argument("--bits", type=int, choices=range(1, 9), metavar="N",
-                      help="codebook bits for every tensor (default: 5 for 1x1 and dense "
-                           "weights, 8 for depthwise and 3x3)")
+                      help="codebook bits for every tensor (default: 4 for 1x1 convs, 5 for "
+                           "dense layers, 8 for depthwise and 3x3)")
     comp.add_argument("--prune", type=float, metavar="F",
                       help="also magnitude-prune this fraction of each weight tensor (no "
                            "fine-tuning; accuracy drops: prefer pruning in training)")
@@ -245,6 +245,9 @@ def main(argv=None) -> int:
         print(f"qnrt: error: {exc.filename or exc}: no such file", file=sys.stderr)
     except (CliError, FormatError, GraphError, ImageError, InvalidArgument, ValueError) as exc:
         print(f"qnrt: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # e.g. `qnrt info m.qnb | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("qnrt: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,10 @@ Metadata keys (all optional; defaults in DEFAULTS):
     preprocess.scale      multiply the 0..255 pixel values by this first
     preprocess.mean, preprocess.std   per channel, after scaling: (x - mean) / std
     preprocess.channel_order          "RGB" or "BGR"
+    preprocess.native_size  [H, W], optional: the resolution the training images
+                          had. An image of another size is first area-averaged
+                          (box filter) to it, so a large picture is seen the way
+                          the training data was: e.g. 8x8 digits viewed at 32x32.
 """
 from __future__ import annotations
 
@@ -50,6 +54,11 @@ def preprocess(image, metadata: dict, channels: int = 3) -> np.ndarray:
     resample = getattr(Image.Resampling, str(s["preprocess.resample"]).upper(), None)
     if resample is None:
         raise ImageError(f"unknown resample filter '{s['preprocess.resample']}'")
+    native = metadata.get("preprocess.native_size")
+    if native:
+        nh, nw = (int(v) for v in native)
+        if image.size != (nw, nh):
+            image = image.resize((nw, nh), Image.Resampling.BOX)
     if image.size != (w, h):
         image = image.resize((w, h), resample)
     x = np.asarray(image, dtype=np.float32)

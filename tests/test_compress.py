@@ -204,7 +204,7 @@ def test_quicknet_save_load_is_bit_exact(compressed):
     ref, g, report, folder = compressed
     done = [r["name"] for r in report["tensors"] if r["bits"] is not None]
     assert len(done) >= 10 and all(".weight" in n for n in done)
-    assert {r["bits"] for r in report["tensors"] if ".pw." in r["name"] and r["bits"]} == {5}
+    assert {r["bits"] for r in report["tensors"] if ".pw." in r["name"] and r["bits"]} == {4}
     assert {r["bits"] for r in report["tensors"] if ".dw." in r["name"] and r["bits"]} == {8}
     back = qnb.load(folder / "dc.qnb")
     assert list(back.initializers) == list(g.initializers)

@@ -39,6 +39,17 @@ METADATA = {
     "preprocess.std": [0.5, 0.5, 0.5],
     "preprocess.channel_order": "RGB",
 }
+# The resolution each data set's images have: a user's image of another size is
+# area-averaged to it first (qnrt.image), so it is seen as training saw its data.
+NATIVE_SIZE = {"digits": [8, 8]}
+
+
+def metadata_for(dataset: str) -> dict:
+    """METADATA plus the data set's native size, as the exported model carries it."""
+    meta = dict(METADATA)
+    if dataset in NATIVE_SIZE:
+        meta["preprocess.native_size"] = list(NATIVE_SIZE[dataset])
+    return meta
 
 DIGITS_LABELS = [str(i) for i in range(10)]
 DIGITS_TEST_FRACTION = 0.2

@@ -394,7 +394,7 @@ def export(neutral: dict[str, np.ndarray], *, width: float, labels: list[str], d
 
     graph = build(neutral, width=width, num_classes=len(labels), labels=list(labels),
                   input_size=None)  # fully convolutional: any H, W
-    graph.metadata.update(copy.deepcopy(METADATA))
+    graph.metadata.update(copy.deepcopy(datasets.metadata_for(dataset)))
     graph.metadata.update({
         "model.dataset": dataset,
         "model.trained": True,

@@ -1,0 +1,45 @@
+"""Image preprocessing as .qnb metadata describes it, for any Pillow mode and size."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from qnrt.image import ImageError, load_image, preprocess
+
+META = {"preprocess.size": [32, 32], "preprocess.mode": "RGB", "preprocess.mean": [0.5] * 3,
+        "preprocess.std": [0.5] * 3}
+
+
+def test_matches_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = preprocess(Image.fromarray(pixels), {**META, "preprocess.channel_order": "BGR"})
+    ref = ((pixels[:, :, ::-1] / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    np.testing.assert_allclose(x, ref, atol=1e-6)
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "F", "I;16"])
+def test_every_mode_becomes_the_model_input(mode):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 13), dtype=np.uint8))
+    x = preprocess(image.convert(mode), META)
+    assert x.shape == (3, 32, 32) and np.isfinite(x).all()
+
+
+def test_native_size_reads_an_enlarged_image_like_the_original():
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (8, 8), dtype=np.uint8))
+    meta = {**META, "preprocess.native_size": [8, 8]}
+    big = small.resize((64, 64), Image.Resampling.NEAREST).convert("RGB")
+    np.testing.assert_allclose(preprocess(big, meta), preprocess(small, meta), atol=1e-6)
+
+
+def test_transparent_pixels_are_composited_on_black():
+    rgba = Image.new("RGBA", (32, 32), (255, 255, 255, 0))
+    assert np.allclose(preprocess(rgba, META), -1.0)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(str(tmp_path / "bad.png"), META)
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(str(tmp_path / "none.png"), META)
