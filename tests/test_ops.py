@@ -645,3 +645,14 @@ def test_registry_covers_the_brief():
             "Transpose", "Concat", "Reshape", "Flatten", "Identity", "Dropout", "Squeeze",
             "Unsqueeze"}
     assert want <= set(supported_ops())
+
+
+def test_op_module_table_matches_registrations():
+    """get_op imports only the file OP_MODULES names: the table must be exact."""
+    from qnrt.ops import OP_MODULES, REGISTRY
+
+    supported_ops()  # imports every kernel file
+    for module, ops in OP_MODULES.items():
+        for op in ops:
+            assert REGISTRY[op].prepare.__module__ == f"qnrt.ops.{module}", op
+    assert sorted(REGISTRY) == sorted(op for ops in OP_MODULES.values() for op in ops)

@@ -48,13 +48,32 @@ class OpDef:
 
 REGISTRY: dict[str, OpDef] = {}
 
-# op files, imported lazily so `import qnrt` stays cheap
-_MODULES = (
-    "conv", "pool", "global_pool", "activation", "binary", "batchnorm",
-    "gemm", "matmul", "softmax", "transpose", "concat", "reshape",
-    "pad", "conv_transpose", "resize", "split", "slice", "unary_math", "reduce",
-)
-_loaded = False
+# Where each op lives: a model imports only the kernel files it uses, which
+# keeps a device's cold start short. (tests/test_ops.py checks this table
+# against what the files register.)
+OP_MODULES = {
+    "conv": ["Conv"],
+    "conv_transpose": ["ConvTranspose"],
+    "pool": ["AveragePool", "MaxPool"],
+    "global_pool": ["GlobalAveragePool", "GlobalMaxPool"],
+    "activation": ["Clip", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Relu", "SiLU",
+                   "Sigmoid", "Tanh"],
+    "binary": ["Add", "Div", "Mul", "Sub"],
+    "unary_math": ["Abs", "Exp", "Log", "Neg", "Pow", "Reciprocal", "Sqrt"],
+    "batchnorm": ["BatchNormalization"],
+    "gemm": ["Gemm"],
+    "matmul": ["MatMul"],
+    "softmax": ["Softmax"],
+    "reduce": ["ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum"],
+    "transpose": ["Transpose"],
+    "concat": ["Concat"],
+    "reshape": ["Dropout", "Flatten", "Identity", "Reshape", "Squeeze", "Unsqueeze"],
+    "pad": ["Pad"],
+    "resize": ["Resize", "Upsample"],
+    "split": ["Split"],
+    "slice": ["Slice"],
+}
+_MODULE_OF = {op: mod for mod, ops in OP_MODULES.items() for op in ops}
 
 
 def register(names, infer, prepare, alias=False, inplace=False):
@@ -63,15 +82,13 @@ def register(names, infer, prepare, alias=False, inplace=False):
 
 
 def _load_all():
-    global _loaded
-    if not _loaded:
-        for mod in _MODULES:
-            importlib.import_module(f"{__name__}.{mod}")
-        _loaded = True
+    for mod in OP_MODULES:
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 def get_op(name: str) -> OpDef:
-    _load_all()
+    if name not in REGISTRY and name in _MODULE_OF:
+        importlib.import_module(f"{__name__}.{_MODULE_OF[name]}")
     if name not in REGISTRY:
         raise GraphError(f"unsupported op '{name}'")
     return REGISTRY[name]
