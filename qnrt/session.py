@@ -58,13 +58,18 @@ class Program:
 
 
 class Session:
-    """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True)
+    """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True,
+               input_shapes=None)
+
+    `input_shapes` ({name: shape}) fixes dynamic dimensions at creation and plans
+    the arena then; without it, each new input shape is planned on first use.
 
     `providers` and `sess_options` are accepted for drop-in compatibility with
     onnxruntime and ignored: qnrt has one provider, its Numba kernels.
     """
 
-    def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True):
+    def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True,
+                 input_shapes: dict | None = None):
         if isinstance(model, Graph):
             graph = model.copy()  # the caller's graph stays as it was
         elif isinstance(model, (bytes, bytearray, memoryview)):
@@ -82,6 +87,9 @@ class Session:
         self._consts = {k: _as_float32(k, v) for k, v in graph.initializers.items()}
         self._programs: dict[tuple, Program] = {}
         self._lock = threading.Lock()
+        if input_shapes:  # fix dynamic dimensions now, and plan before the first run
+            self._fix_input_shapes(input_shapes)
+            self.prepare()
 
     # -- onnxruntime-shaped API -------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
@@ -121,6 +129,19 @@ class Session:
             for step in program.steps:
                 step.kernel.run(step.inputs, step.outputs, step.workspace)
             return [program.views[n].copy() for n in names]
+
+    def _fix_input_shapes(self, given: dict) -> None:
+        inputs = {v.name: v for v in self._graph.inputs}
+        for name, shape in given.items():
+            if name not in inputs:
+                raise InvalidArgument(f"input_shapes names '{name}'; the model's inputs are "
+                                      f"{sorted(inputs)}")
+            v, shape = inputs[name], tuple(int(d) for d in shape)
+            if len(shape) != len(v.shape) or any(
+                    not isinstance(d, str) and d != s for d, s in zip(v.shape, shape)):
+                raise InvalidArgument(f"input_shapes gives '{name}' shape {shape}; the model "
+                                      f"takes {tuple(v.shape)}")
+            v.shape = shape
 
     # -- planning ----------------------------------------------------------------
     def prepare(self, input_shapes: dict | None = None) -> Program:

@@ -129,3 +129,13 @@ def test_session_rejects_non_qnb(tmp_path):
     p.write_bytes(b"not a model at all" * 10)
     with pytest.raises(qnb.FormatError):
         Session(str(p))
+
+
+def test_input_shapes_fixed_at_creation(quicknet_qnb):
+    sess = Session(quicknet_qnb, input_shapes={"input": (2, 3, 64, 64)})
+    assert sess.get_inputs()[0].shape == [2, 3, 64, 64]
+    with pytest.raises(InvalidArgument, match="shape"):
+        sess.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    assert sess.run(None, {"input": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 10)
+    with pytest.raises(InvalidArgument, match="takes"):
+        Session(quicknet_qnb, input_shapes={"input": (1, 4, 32, 32)})
