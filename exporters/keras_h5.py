@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qnrt.graph import Graph, GraphError, Node, ValueInfo
+from qnrt.graph import Graph, GraphError, Node, ValueInfo, unique_name
 
 __all__ = ["from_h5", "read_h5", "SUPPORTED", "ACTIVATIONS"]
 
@@ -396,12 +396,7 @@ class _Converter:
 
     # -- naming and emission -------------------------------------------------
     def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def const(self, base: str, value, dtype=np.float32) -> str:
         value = np.ascontiguousarray(np.asarray(value, dtype=dtype))

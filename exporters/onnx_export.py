@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qnrt import __version__
-from qnrt.graph import Graph, GraphError, Node, ValueInfo
+from qnrt.graph import Graph, GraphError, Node, ValueInfo, unique_name
 
 MIN_OPSET = 11  # Clip takes min/max as inputs from 11 on; older forms are not emitted
 # the opset from which these ops take their axes (Split: its sizes) as an input
@@ -93,12 +93,7 @@ class _Exporter:
 
     # ---- helpers -------------------------------------------------------
     def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def const(self, base: str, value) -> str:
         name = self.fresh(base)

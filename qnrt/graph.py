@@ -15,6 +15,16 @@ import numpy as np
 Shape = tuple  # of int; a str entry is a symbolic dimension (e.g. "N")
 
 
+def unique_name(base: str, taken: set) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken` (which gets it)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
 class GraphError(ValueError):
     """A graph that cannot be executed: unknown op, bad shape, bad wiring."""
 
@@ -73,11 +83,7 @@ class Graph:
     def fresh_name(self, base: str) -> str:
         taken = set(self.initializers) | {v.name for v in self.inputs}
         taken |= {o for n in self.nodes for o in n.outputs}
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        return name
+        return unique_name(base, taken)
 
     def validate(self) -> None:
         """Every input is defined before use, names are unique, graph is a DAG."""
