@@ -1,8 +1,9 @@
 """python -m exporters: QuickNet from its neutral description to ONNX and .qnb,
 or any supported model file to .qnb.
 
-  python -m exporters quicknet --qnb models/quicknet.qnb --onnx quicknet.onnx
-  python -m exporters quicknet --weights trained.npz --labels digits.txt --qnb q.qnb
+  python -m exporters quicknet --qnb quicknet.qnb --onnx quicknet.onnx
+  python -m exporters quicknet --weights trained.npz --labels labels.txt --qnb q.qnb \
+      --preprocess mean=0.5,0.5,0.5 --preprocess std=0.5,0.5,0.5
   python -m exporters convert model.onnx model.qnb --input-shape 1,3,32,32
 """
 from __future__ import annotations
@@ -59,25 +60,35 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quicknet", help="build QuickNet from the layer table (+ optional weights)")
+    q = sub.add_parser("quicknet", help="build QuickNet from the layer table (+ optional weights)",
+                       description="QuickNet from models/quicknet.py's layer table, with "
+                                   "neutral .npz weights or deterministic initial ones, "
+                                   "written as ONNX (BN and PReLU as their own nodes) and/or "
+                                   ".qnb (folded and fused).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--weights", help="neutral .npz weights (names as in models/quicknet.py); "
-                   "default: deterministic initial weights")
+                   "none: deterministic initial weights")
     q.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
-    q.add_argument("--classes", type=int, default=10)
+    q.add_argument("--classes", type=int, default=10, help="number of classes")
     q.add_argument("--input-size", type=int, default=0,
-                   help="fix H = W of the input (default: any size; the net is fully convolutional)")
+                   help="fix H = W of the input; 0: any size (the net is fully convolutional)")
     q.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     q.add_argument("--labels", help="text file, one class label per line")
-    q.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
+                   help="preprocessing the model expects, one KEY=VALUE per flag (size, mean, "
+                        "std, scale, mode, resample, channel_order, native_size)")
     q.add_argument("--onnx", help="write ONNX here")
     q.add_argument("--qnb", help="write .qnb here (batch norm folded, activations fused)")
     q.set_defaults(func=cmd_quicknet)
-    c = sub.add_parser("convert", help="ONNX / Keras .h5 -> .qnb (same as qnrt convert)")
-    c.add_argument("input")
-    c.add_argument("output")
-    c.add_argument("--input-shape", type=_shape)
-    c.add_argument("--labels")
-    c.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE")
+    c = sub.add_parser("convert", help="ONNX / Keras .h5 / state dict -> .qnb (as qnrt convert)",
+                       description="Import a model, clean it up, fold and fuse, check the "
+                                   "runtime can plan it, then write .qnb atomically.")
+    c.add_argument("input", help=".onnx, .h5, .safetensors, .pt/.pth/.bin or .qnb")
+    c.add_argument("output", help="the .qnb to write")
+    c.add_argument("--input-shape", type=_shape, help="fix dynamic input dimensions, e.g. 1,3,32,32")
+    c.add_argument("--labels", help="text file, one class label per line")
+    c.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
+                   help="preprocessing metadata, one KEY=VALUE per flag")
     c.add_argument("--nchw-input", action="store_true",
                    help="turn an NHWC input + Transpose into an NCHW input")
     c.set_defaults(func=cmd_convert)

@@ -13,7 +13,7 @@ from qnrt.ops import get_op
 from qnrt.rewrite import optimize
 
 PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
-                   "mode": str, "resample": str, "channel_order": str}
+                   "mode": str, "resample": str, "channel_order": str, "native_size": int}
 
 
 def load_any(path: str, input_shape=None, report: Counter | None = None) -> Graph:
@@ -27,7 +27,11 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
         from .onnx_import import from_onnx
         import onnx
 
-        model = onnx.load(path)
+        try:
+            model = onnx.load(path)
+        except Exception as exc:  # protobuf raises its own DecodeError types
+            raise GraphError(f"{path}: not a readable ONNX file ({type(exc).__name__}: "
+                             f"{exc})") from None
         shapes = None
         if input_shape:
             inits = {i.name for i in model.graph.initializer}
@@ -43,7 +47,11 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
     if ext in (".safetensors", ".pt", ".pth", ".bin"):
         from .torch_weights import load_quicknet
 
-        return load_quicknet(path)  # H, W symbolic; finalize applies input_shape
+        try:
+            return load_quicknet(path)  # H, W symbolic; finalize applies input_shape
+        except (KeyError, TypeError, IndexError) as exc:
+            raise GraphError(f"{path}: not a QuickNet state dict ({type(exc).__name__}: "
+                             f"{exc})") from None
     raise GraphError(f"{path}: unknown model format '{ext}' (expected .onnx, .h5, .qnb, "
                      ".safetensors or .pt/.pth/.bin)")
 
@@ -60,7 +68,7 @@ def parse_preprocess(items) -> dict:
         try:
             if kind is str:
                 meta[f"preprocess.{key}"] = value
-            elif key in ("size", "mean", "std"):
+            elif key in ("size", "mean", "std", "native_size"):
                 meta[f"preprocess.{key}"] = [kind(v) for v in value.split(",")]
             else:
                 meta[f"preprocess.{key}"] = kind(value)
@@ -80,6 +88,13 @@ def finalize(graph: Graph, input_shape=None, labels=None, metadata=None, log=Non
     optimize(graph)
     graph.validate()
     graph.toposort()
+    for v in graph.inputs + graph.outputs:  # the runtime's kernels are float32 throughout
+        if v.dtype != "float32":
+            raise GraphError(f"'{v.name}' is {v.dtype}; qnrt runs models whose inputs and "
+                             "outputs are float32")
+    classes = graph.outputs[0].shape[-1] if graph.outputs and graph.outputs[0].shape else None
+    if labels and isinstance(classes, int) and len(labels) != classes:
+        raise GraphError(f"{len(labels)} labels given for a model with {classes} classes")
     after = Counter(n.op + ("+" + n.attrs["activation"] if n.attrs.get("activation") else "")
                     for n in graph.nodes)
     from qnrt.session import Session
@@ -113,6 +128,7 @@ def convert(src: str, dst: str, input_shape=None, labels=None, preprocess=(),
     from .cleanup import summary as cleanup_summary
 
     report: Counter = Counter()
+    check_destination(dst)
     graph = load_any(src, input_shape, report)
     if nchw_input:
         from .cleanup import nchw_input as to_nchw
@@ -142,6 +158,15 @@ def convert(src: str, dst: str, input_shape=None, labels=None, preprocess=(),
         log(f"wrote {dst} ({size / 2**20:.2f} MiB)")
     summary["bytes"] = size
     return summary
+
+
+def check_destination(dst: str) -> None:
+    """Fail before any work if the output cannot be written there."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    if os.path.isdir(dst):
+        raise GraphError(f"{dst} is a folder; give the .qnb file to write")
+    if not os.path.isdir(folder):
+        raise GraphError(f"cannot write {dst}: folder {folder} does not exist")
 
 
 def max_abs_error(a: np.ndarray, b: np.ndarray) -> float:

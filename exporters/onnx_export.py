@@ -55,6 +55,7 @@ def save_onnx(graph: Graph, path, opset: int = 17) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -98,6 +98,8 @@ def build(weights: dict[str, np.ndarray] | None = None, width: float = 1.0,
           num_classes: int = 10, input_size: int | None = 32, seed: int = 0,
           labels: list[str] | None = None, in_channels: int = 3) -> Graph:
     """QuickNet as a Graph. `input_size=None` leaves H and W symbolic."""
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels given for {num_classes} classes")
     expected = weight_shapes(width, num_classes, in_channels)
     if weights is None:
         weights = initial_weights(width, num_classes, seed, in_channels)

@@ -31,6 +31,16 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:  # also false for nan
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction in [0, 1)")
+    return value
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -189,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=int, default=16, help="images per run (default 16)")
     run.set_defaults(func=cmd_run)
 
-    info = sub.add_parser("info", help="describe a .qnb model and its memory plan")
+    info = sub.add_parser("info", help="describe a .qnb model and its memory plan",
+                          description="Print a .qnb model's metadata, inputs and outputs, "
+                                      "parameter count, op counts, file size and the planned "
+                                      "activation arena for one input shape.")
     info.add_argument("model", help="a .qnb model file")
     info.add_argument("--input-shape", type=_shape, help="plan for this input shape, e.g. "
                       "1,3,224,224 (default: the model's, batch 1)")
@@ -199,14 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert an ONNX or Keras .h5 model to .qnb",
                           description="Import, clean up and optimize a model, then write it "
                                       "as .qnb (atomically). Needs: pip install 'qnrt[export]'.")
-    conv.add_argument("input", help="model.onnx or model.h5")
+    conv.add_argument("input", help="model.onnx, model.h5, a QuickNet state dict "
+                      "(.safetensors, .pt/.pth/.bin) or a .qnb")
     conv.add_argument("output", help="the .qnb to write")
     conv.add_argument("--input-shape", type=_shape,
                       help="fix the input's dynamic dimensions, e.g. 1,3,32,32")
     conv.add_argument("--labels", help="a text file with one class label per line")
     conv.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
-                      help="preprocessing metadata, e.g. size=32,32 mean=0.5,0.5,0.5 "
-                           "std=0.5,0.5,0.5 mode=RGB scale=0.00392 (repeatable)")
+                      help="preprocessing metadata, one KEY=VALUE per flag, repeat the flag: "
+                           "--preprocess size=32,32 --preprocess mean=0.5,0.5,0.5 "
+                           "(keys: size, mean, std, scale, mode, resample, channel_order, "
+                           "native_size)")
     conv.add_argument("--nchw-input", action="store_true",
                       help="an NHWC model input followed by a Transpose becomes an NCHW input "
                            "(what `qnrt run` feeds images as); default: keep the model's own")
@@ -222,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--bits", type=int, choices=range(1, 9), metavar="N",
                       help="codebook bits for every tensor (default: 4 for 1x1 convs, 5 for "
                            "dense layers, 8 for depthwise and 3x3)")
-    comp.add_argument("--prune", type=float, metavar="F",
+    comp.add_argument("--prune", type=_fraction, metavar="F",
                       help="also magnitude-prune this fraction of each weight tensor (no "
                            "fine-tuning; accuracy drops: prefer pruning in training)")
     comp.set_defaults(func=cmd_compress)
@@ -245,6 +261,8 @@ def main(argv=None) -> int:
         print(f"qnrt: error: {exc.filename or exc}: no such file", file=sys.stderr)
     except (CliError, FormatError, GraphError, ImageError, InvalidArgument, ValueError) as exc:
         print(f"qnrt: error: {exc}", file=sys.stderr)
+    except MemoryError:
+        print("qnrt: error: out of memory (is the input shape what you meant?)", file=sys.stderr)
     except BrokenPipeError:  # e.g. `qnrt info m.qnb | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

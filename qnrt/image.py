@@ -41,9 +41,12 @@ def settings(metadata: dict) -> dict:
 
 def preprocess(image, metadata: dict, channels: int = 3) -> np.ndarray:
     """A PIL image (any mode, any size) -> float32 array (channels, H, W)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     s = settings(metadata)
+    image = ImageOps.exif_transpose(image)  # a phone photo's orientation tag
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = _to_8bit(image)
     h, w = (int(v) for v in s["preprocess.size"])
     mode = s["preprocess.mode"]
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -76,6 +79,19 @@ def preprocess(image, metadata: dict, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
+def _to_8bit(image):
+    """16-bit and 32-bit grey images to 8 bits, keeping their range (Pillow's own
+    convert clips them at 255)."""
+    from PIL import Image
+
+    x = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        x = x * 255.0 if x.size and x.max() <= 1.0 else x
+    elif image.mode.startswith("I;16") or (x.size and x.max() > 255):
+        x = x / 257.0  # 0..65535 -> 0..255
+    return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: str, metadata: dict, channels: int = 3) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -85,7 +101,11 @@ def load_image(path: str, metadata: dict, channels: int = 3) -> np.ndarray:
             return preprocess(im, metadata, channels)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused, too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from None
 
 

@@ -115,6 +115,8 @@ class Session:
         return self._graph
 
     def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
+        if isinstance(output_names, str):
+            output_names = [output_names]
         names = output_names or [v.name for v in self._graph.outputs]
         known = {v.name for v in self._graph.outputs}
         for n in names:
@@ -238,7 +240,12 @@ class Session:
                 workspaces.append(Buffer(f"{node.name or node.outputs[0]}:workspace",
                                          int(kernel.workspace), i, i))
         memory = plan(list(buffers.values()) + workspaces, len(graph.nodes))
-        arena = _aligned_empty(memory.arena_bytes)
+        try:
+            arena = _aligned_empty(memory.arena_bytes)
+        except MemoryError:
+            raise GraphError(f"the activation arena for inputs {input_shapes} needs "
+                             f"{memory.arena_bytes / 2**20:,.1f} MiB, more than this machine "
+                             "can allocate") from None
         offsets = memory.offsets()
         views = {t: arena[offsets[b]:offsets[b] + 4 * int(np.prod(shapes[t]))]
                  .view(np.float32).reshape(shapes[t]) for t, b in tensor_buffer.items()}

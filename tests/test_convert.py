@@ -82,3 +82,32 @@ def test_convert_refuses_unsupported_ops_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "my_topk" in err and "TopK" in err and "my_erf" in err and "Erf" in err
     assert not dst.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_convert_errors_are_clear_and_write_nothing(torch_onnx, tmp_path, capsys):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x01 definitely not protobuf \xff\xff")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    cases = [([str(junk), str(tmp_path / "a.qnb")], "not a readable ONNX file"),
+             ([torch_onnx, str(tmp_path / "missing" / "a.qnb")], "does not exist"),
+             ([torch_onnx, str(tmp_path)], "is a folder"),
+             ([torch_onnx, str(tmp_path / "b.qnb"), "--labels", str(labels)], "2 labels")]
+    for argv, message in cases:
+        assert qnrt_main(["convert", *argv]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "labels.txt"]
+
+
+def test_convert_refuses_non_float_inputs(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])])
+    src = tmp_path / "int.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert qnrt_main(["convert", str(src), str(tmp_path / "int.qnb")]) == 1
+    assert "float32" in capsys.readouterr().err
+    assert not (tmp_path / "int.qnb").exists()

@@ -43,3 +43,23 @@ def test_unreadable_and_missing_files(tmp_path):
         load_image(str(tmp_path / "bad.png"), META)
     with pytest.raises(ImageError, match="no such file"):
         load_image(str(tmp_path / "none.png"), META)
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    grey = np.random.default_rng(3).integers(0, 256, (16, 16)).astype(np.uint16)
+    wide = Image.fromarray(grey * 257)  # the same picture stored in 16 bits
+    assert wide.mode.startswith("I")
+    np.testing.assert_allclose(preprocess(wide, META),
+                               preprocess(Image.fromarray(grey.astype(np.uint8)), META), atol=1e-6)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((10, 20), np.uint8)
+    pixels[:, :5] = 255  # bright left edge
+    upright = Image.fromarray(pixels).convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_270)  # as a sideways camera stores it
+    exif = Image.Exif()
+    exif[0x0112] = 8  # orientation tag: turn 90 degrees counter-clockwise to display
+    stored.save(tmp_path / "photo.png", exif=exif)
+    np.testing.assert_allclose(load_image(str(tmp_path / "photo.png"), META),
+                               preprocess(upright, META), atol=1e-6)

@@ -72,6 +72,13 @@ print(loaded - base, rss() - base)
 """
 
 
+def _nchw(text: str) -> str:
+    dims = text.lower().split("x")
+    if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1x3x32x32")
+    return text.lower()
+
+
 def blas_info() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -142,12 +149,14 @@ def child(script: str, *args, threads: int = 1) -> list[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="NxCxHxW shapes")
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), type=_nchw,
+                   help=f"NxCxHxW shapes (default: {' '.join(DEFAULT_SHAPES)})")
     p.add_argument("--repeat", type=int, default=0, help="timed runs per shape (default: by size)")
     p.add_argument("--threads", type=int, default=1,
                    help="threads for ONNX Runtime and numpy's BLAS (default 1)")
     p.add_argument("--weights", help="a .qnb or neutral .npz to benchmark (default: initial weights)")
-    p.add_argument("--cold", type=int, default=5, help="fresh processes for cold start (0 skips)")
+    p.add_argument("--cold", type=int, default=5,
+                   help="fresh processes for cold start (default 5; 0 skips)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         qnb_path, onnx_path = build_models(tmp, args.weights)
         for text in args.shapes:
-            shape = tuple(int(v) for v in text.lower().split("x"))
+            shape = tuple(int(v) for v in text.split("x"))
             repeat = args.repeat or max(10, min(200, int(2e8 // np.prod(shape) // 1000)))
             r = time_engines(qnb_path, onnx_path, shape, repeat, args.threads)
             r["repeat"] = repeat

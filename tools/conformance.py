@@ -164,8 +164,13 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qnrt-conformance-") as tmp:
         for path in args.models:
-            rows += check_model(path, os.path.basename(path), input_shape=first_shape,
-                                shapes=shapes, seed=args.seed, tmp=tmp)
+            try:
+                rows += check_model(path, os.path.basename(path), input_shape=first_shape,
+                                    shapes=shapes, seed=args.seed, tmp=tmp)
+            except Exception as exc:  # one unreadable model must not hide the others
+                print(f"conformance: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                rows.append({"model": os.path.basename(path), "opset": "-", "before": "-",
+                             "after": "-", "output": "-", "error": str(exc), "ok": False})
         if args.self_test:
             for case in self_test_cases(not args.no_torch):
                 path = os.path.join(tmp, f"{case.name}-opset{case.opset}.onnx")

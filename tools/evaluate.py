@@ -120,7 +120,14 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="CIFAR-10 python-batch folder, for cifar10 models")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    rows = [evaluate(m, args.data_dir) for m in args.models]
+    from qnrt.format import FormatError
+    from qnrt.graph import GraphError
+
+    try:
+        rows = [evaluate(m, args.data_dir) for m in args.models]
+    except (OSError, FormatError, GraphError, ValueError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

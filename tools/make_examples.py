@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="where to write the PNGs")
-    p.add_argument("--large", type=int, default=3, help="how many also as 64x64 RGB")
+    p.add_argument("--large", type=int, default=3, help="how many also as 64x64 RGB (default 3)")
     args = p.parse_args(argv)
     from PIL import Image
 

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         r = report(args.model, args.input_shape)
+    except FileNotFoundError:
+        print(f"memplan: error: {args.model}: no such file", file=sys.stderr)
+        return 1
     except (OSError, FormatError, GraphError) as exc:
         print(f"memplan: error: {exc}", file=sys.stderr)
         return 1

@@ -432,15 +432,19 @@ def _atomic(write, path):
 
 
 def parse_args(argv=None):
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+                                formatter_class=Formatter)
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits",
+                   help="scikit-learn's bundled digits, or CIFAR-10 from --data-dir")
     p.add_argument("--data-dir", help="CIFAR-10 python-batch directory (cifar-10-batches-py)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs (0: evaluate/export only)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed per step")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random")
     p.add_argument("--limit", type=int, help="use only the first N training images (tests)")
     p.add_argument("--init-npz", help="start from these neutral weights (.npz)")
     p.add_argument("--prune", type=float, metavar="SPARSITY",
