@@ -18,7 +18,12 @@ import numpy as np
 from ..graph import GraphError
 
 JIT = dict(cache=True, nogil=True, fastmath=False)
-njit = numba.njit(**JIT)
+
+
+def njit(**options):
+    """numba.njit with qnrt's settings: cache=True (a device compiles each kernel
+    once, not at every start), nogil, and exact IEEE float semantics."""
+    return numba.njit(**{**JIT, **options})
 MAX_RANK = 6
 
 
@@ -151,7 +156,7 @@ def window_geometry(node, spatial, kernel, strides, dilations, ceil_mode=False):
     return begin, end, out
 
 
-@njit
+@njit(cache=True)
 def valid_range(start, step, n, size):
     """[lo, hi): the j in [0, n) with 0 <= start + j * step < size."""
     lo = 0 if start >= 0 else (step - 1 - start) // step
@@ -180,7 +185,7 @@ def activation_params(kind, alpha=None, beta=None, lo=None, hi=None):
     return 0.0, 0.0
 
 
-@njit
+@njit(cache=True)
 def _act(v, s, kind, a, b):
     """Activation `kind` of float32 v (s: PRelu slope; a, b: float32 params)."""
     if kind == 1:
@@ -205,7 +210,7 @@ def _act(v, s, kind, a, b):
 # Hot loops index slices with range(0, n): a signed index that may be negative
 # makes Numba emit a wraparound check per access, which blocks vectorization.
 
-@njit
+@njit(cache=True)
 def act_row(y, bias, slope, kind, a, b):
     """y[:] = act(y + bias) for a 1-D slice y. One loop per kind so each vectorizes."""
     af, bf = np.float32(a), np.float32(b)
@@ -229,14 +234,14 @@ def act_row(y, bias, slope, kind, a, b):
             y[i] = _act(y[i] + bias, slope, kind, af, bf)
 
 
-@njit
+@njit(cache=True)
 def epilogue(y, c0, c1, t0, t1, bias, slope, kind, a, b):
     """Per-channel bias + activation in place on y[c0:c1, t0:t1]; y is (C, HW)."""
     for c in range(c0, c1):
         act_row(y[c, t0:t1], bias[c], slope[c], kind, a, b)
 
 
-@njit
+@njit(cache=True)
 def act_vec(y, slope, kind, a, b):
     """y[i] = act(y[i]) with a per-element PRelu slope (channels-last rows)."""
     af, bf = np.float32(a), np.float32(b)
@@ -252,7 +257,7 @@ def act_vec(y, slope, kind, a, b):
             y[i] = _act(y[i], slope[i], kind, af, bf)
 
 
-@njit
+@njit(cache=True)
 def unary(x, y, kind, a, b):
     """y = act(x) over flat arrays (y may be x)."""
     af, bf = np.float32(a), np.float32(b)
@@ -310,7 +315,7 @@ def c_strides(shape):
     return strides
 
 
-@njit
+@njit(cache=True)
 def _binop(x, y, op):
     if op == 0:
         return x + y
@@ -323,7 +328,7 @@ def _binop(x, y, op):
     return x if x >= 0 else x * y  # 4: PRelu
 
 
-@njit
+@njit(cache=True)
 def _binrow(a, a5, b, b5, y, op):
     """One innermost row of binary6 (a, b: slices starting at the row)."""
     n = y.size
@@ -343,7 +348,7 @@ def _binrow(a, a5, b, b5, y, op):
             y[i] = _binop(a[i * a5], b[i * b5], op)
 
 
-@njit
+@njit(cache=True)
 def binary6(a, sa, b, sb, y, shape, op):
     """y = a (op) b over MAX_RANK-dim broadcast views of flat a, b (element
     strides sa, sb; 0 = broadcast); y is flat C-contiguous. y may be a."""
@@ -360,7 +365,7 @@ def binary6(a, sa, b, sb, y, shape, op):
                         o += n5
 
 
-@njit
+@njit(cache=True)
 def _copy2(src, dst, n4, n5, s4, s5, d4, d5):
     """2-D strided block copy (offsets already applied by slicing)."""
     if s5 == 1 and d5 == 1:
@@ -385,7 +390,7 @@ def _copy2(src, dst, n4, n5, s4, s5, d4, d5):
                 d[k * d5] = s[k * s5]
 
 
-@njit
+@njit(cache=True)
 def copy6(src, soff, ss, dst, doff, ds, shape):
     """dst[doff + i.ds] = src[soff + i.ss] over a MAX_RANK-dim index space."""
     for i0 in range(shape[0]):

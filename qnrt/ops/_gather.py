@@ -52,7 +52,7 @@ def _longest_run(t):
     return best if best[1] - best[0] > 1 else (0, 0)
 
 
-@njit
+@njit(cache=True)
 def gather6(x, xs, tab, y, shape, cval, lo, hi):
     """y[i] = x[sum_d tab[d, i_d] * xs[d]] over a MAX_RANK-dim index space
     (cval where any tab entry is -1); y is flat C-contiguous. Along the last

@@ -83,7 +83,7 @@ def _prepare_silu(node, x, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _silu(x, y):
     """y = x * sigmoid(x) = x / (1 + exp(-x)) over flat arrays (y may be x)."""
     one = np.float32(1)

@@ -40,7 +40,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _scale_shift(x, y, s, t):
     for n in range(x.shape[0]):
         for c in range(x.shape[1]):

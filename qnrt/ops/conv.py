@@ -218,7 +218,7 @@ def _pw_skinny(x3, w, xs, yt, y3, bias, slope, kind, a, b):
             yn[k, p] = row[k]
 
 
-@njit
+@njit(cache=True)
 def _gather_images(x, n0, xs):
     """xs[c, j * HW + p] = x[n0 + j, c, p] for the xs.shape[1] // HW images from n0."""
     hw = x.shape[2]
@@ -229,7 +229,7 @@ def _gather_images(x, n0, xs):
                 dst[p] = src[p]
 
 
-@njit
+@njit(cache=True)
 def _scatter_images(ys, y, n0, bias, slope, kind, a, b):
     """y[n0 + j, c] = act(ys[c, j * HW:(j + 1) * HW] + bias[c]): the inverse of
     _gather_images with Conv's epilogue on each row while it is in L1."""
@@ -324,7 +324,7 @@ def _general(g, w_c, side, epi):
     return Kernel(run, workspace=kk * tile * 4)
 
 
-@njit
+@njit(cache=True)
 def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
     """Depthwise conv, output channel m reads input channel m // mult. Each
     output row accumulates kernel taps as axpys over the column range where
@@ -357,7 +357,7 @@ def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
                     act_row(row, np.float32(0), slope[m], kind, a, b)
 
 
-@njit
+@njit(cache=True)
 def _dw3x3(x, w, bias, slope, y, mult, kind, a, b):
     """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane."""
     zero = np.zeros(x.shape[3], np.float32)
@@ -367,7 +367,7 @@ def _dw3x3(x, w, bias, slope, y, mult, kind, a, b):
                          kind, a, b)
 
 
-@njit
+@njit(cache=True)
 def _dw3x3_plane(xc, yc, k, bm, s, zero, kind, a, b):
     """One (H, W >= 2) plane. Rows 1 .. H-2 are one flat loop over the plane
     (long, so it vectorizes well even for narrow images; its first and last
@@ -428,7 +428,7 @@ def _dw3x3_plane(xc, yc, k, bm, s, zero, kind, a, b):
         act_row(yf, np.float32(0), s, kind, a, b)
 
 
-@njit
+@njit(cache=True)
 def _dw3x3_padded(x, w, bias, slope, y, mult, kind, a, b, xp, yp):
     """Depthwise 3x3, stride 1, pad 1 for narrow planes, where the per-row
     and per-border work of _dw3x3_plane dominates: each plane is copied into
@@ -474,7 +474,7 @@ def _dw3x3_padded(x, w, bias, slope, y, mult, kind, a, b, xp, yp):
                 act_row(yc.reshape(h * wd), np.float32(0), slope[m], kind, a, b)
 
 
-@njit
+@njit(cache=True)
 def _transpose2(src, dst):
     """dst = src.T for 2-D arrays: strips of 8 source rows, so each write is
     8 contiguous floats and each read line is reused from cache."""
@@ -489,7 +489,7 @@ def _transpose2(src, dst):
             dst[s, r] = src[r, s]
 
 
-@njit
+@njit(cache=True)
 def _dw_nhwc(x, wt, taps, bias, slope, y, xt, yt, kind, a, b):
     """Depthwise conv (multiplier 1) for small planes, whose rows are too short
     to vectorize: transpose the image to channels-last in the workspace, then
@@ -537,7 +537,7 @@ def _nhwc_taps(h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
     return np.ascontiguousarray(np.concatenate([taps, pad], 1), dtype=np.int64)
 
 
-@njit
+@njit(cache=True)
 def _im2col(x, n, c0, cg, kh_, kw_, sh, sw, ph, pw, dh, dw, ow_, t0, col):
     """col[k, t] = padded x[n, c0 + ci, ih, iw] for output columns t0 .. t0+T,
     k = (ci, kh, kw) in weight order."""

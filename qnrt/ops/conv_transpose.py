@@ -135,14 +135,14 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run, workspace=kk * tile * 4)
 
 
-@njit
+@njit(cache=True)
 def _fill(y, bias):
     """y[m] = bias[m] for y (M, OH, OW)."""
     for m in range(y.shape[0]):
         y[m] = bias[m]
 
 
-@njit
+@njit(cache=True)
 def _col2im(col, y, m0, kh_, kw_, sh, sw, ph, pw, dh, dw, w_in, t0):
     """y[m0 + m, ih*sh - ph + a*dh, iw*sw - pw + b*dw] += col[(m, a, b), t] for
     the input pixels t0 + t = ih * w_in + iw, t < col.shape[1]; taps that land

@@ -66,7 +66,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _max2x2(x, y):
     """MaxPool 2x2 stride 2 without padding over (planes, H, W) views."""
     for p in range(x.shape[0]):
@@ -76,7 +76,7 @@ def _max2x2(x, y):
                 out[j] = max(max(r0[2 * j], r0[2 * j + 1]), max(r1[2 * j], r1[2 * j + 1]))
 
 
-@njit
+@njit(cache=True)
 def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
     """Each output row combines, tap by tap, the column range where the tap is
     inside the image (padding never wins a max and adds 0 to a sum; a window

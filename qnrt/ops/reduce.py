@@ -66,7 +66,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _reduce6(x, y, shape, ys, op, count):
     """Reduce flat x (C-contiguous over `shape`, MAX_RANK dims) into flat y;
     ys[d] is y's element stride along dim d, 0 for a reduced dim. x is read

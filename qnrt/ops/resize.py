@@ -204,7 +204,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _bilinear(x, y, y0, y1, wy0, wy1, x0, x1, wx0, wx1):
     """y[p, i, j] = sum of the 4 neighbours x[p, y0|y1[i], x0|x1[j]] weighted
     by wy * wx (tables validated in prepare: indices inside x)."""

@@ -93,7 +93,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _slice6(x, off, xs, y, shape):
     """y (flat, C-contiguous over `shape`) = x[off + i.xs] over MAX_RANK dims;
     strides may be negative (absolute indices, all inside x)."""

@@ -31,7 +31,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _softmax(x, y):
     """Softmax along axis 1 of (outer, A, inner); y may be x."""
     for o in range(x.shape[0]):

@@ -68,7 +68,7 @@ def _prepare_pow(node, in_shapes, y, consts, cx):
     return Kernel(run)
 
 
-@njit
+@njit(cache=True)
 def _unary_math(x, y, code):
     """y = f(x) over flat arrays (y may be x); one loop per op so each vectorizes."""
     one = np.float32(1)
@@ -92,7 +92,7 @@ def _unary_math(x, y, code):
             y[i] = one / x[i]
 
 
-@njit
+@njit(cache=True)
 def _pow_scalar(x, y, e, mode):
     """y = x ** e for one exponent (y may be x)."""
     if mode == 1:
@@ -118,7 +118,7 @@ def _pow_scalar(x, y, e, mode):
             y[i] = x[i] ** e
 
 
-@njit
+@njit(cache=True)
 def _pow6(a, sa, b, sb, y, shape):
     """y = a ** b over MAX_RANK-dim broadcast views of flat a, b (element
     strides sa, sb; 0 = broadcast); y is flat C-contiguous and may be a."""
