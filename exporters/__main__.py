@@ -20,16 +20,13 @@ def cmd_quicknet(args) -> int:
     from models import quicknet
     from qnrt import format as qnb
 
-    from .convert import finalize, parse_preprocess
+    from .convert import finalize, parse_preprocess, read_labels
 
     weights = None
     if args.weights:
         with np.load(args.weights) as data:
             weights = {k: data[k] for k in data.files}
-    labels = None
-    if args.labels:
-        with open(args.labels, encoding="utf-8") as f:
-            labels = [line.strip() for line in f if line.strip()]
+    labels = read_labels(args.labels) if args.labels else None
     graph = quicknet.build(weights, width=args.width, num_classes=args.classes,
                            input_size=args.input_size or None, seed=args.seed, labels=labels)
     graph.metadata["model.trained"] = weights is not None

@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-import numpy as np
-
 from qnrt import format as qnb
 from qnrt.graph import Graph, GraphError
-from qnrt.ops import get_op
 from qnrt.rewrite import optimize
 
 PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
@@ -99,14 +96,12 @@ def finalize(graph: Graph, input_shape=None, labels=None, metadata=None, log=Non
                     for n in graph.nodes)
     from qnrt.session import Session
 
-    session = Session(graph)
+    session = Session(graph)  # fails on an unsupported op
     symbolic = any(isinstance(d, str) for v in graph.inputs for d in v.shape[1:])
     if symbolic and "preprocess.size" not in graph.metadata:
         if log:
             log("input size is dynamic and no preprocess size given: kernels are checked "
                 "when a Session first sees a shape")
-        for node in graph.nodes:
-            get_op(node.op)
     else:
         session.prepare()  # every kernel validates its node before anything is written
     summary = {"nodes_before": sum(before.values()), "nodes_after": len(graph.nodes),
@@ -140,10 +135,7 @@ def convert(src: str, dst: str, input_shape=None, labels=None, preprocess=(),
         if changed and input_shape:  # the given shape was in the model's own layout
             n, h, w, c = input_shape
             input_shape = (n, c, h, w)
-    label_list = None
-    if labels:
-        with open(labels, encoding="utf-8") as f:
-            label_list = [line.strip() for line in f if line.strip()]
+    label_list = read_labels(labels) if labels else None
     summary = finalize(graph, input_shape, label_list, parse_preprocess(preprocess), log)
     # standalone BatchNormalization after a Conv is folded by qnrt.rewrite.optimize
     report["batch norms fused"] += (summary["ops_before"].get("BatchNormalization", 0)
@@ -160,6 +152,12 @@ def convert(src: str, dst: str, input_shape=None, labels=None, preprocess=(),
     return summary
 
 
+def read_labels(path: str) -> list[str]:
+    """One class label per non-blank line of a UTF-8 text file."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def check_destination(dst: str) -> None:
     """Fail before any work if the output cannot be written there."""
     folder = os.path.dirname(os.path.abspath(dst))
@@ -167,7 +165,3 @@ def check_destination(dst: str) -> None:
         raise GraphError(f"{dst} is a folder; give the .qnb file to write")
     if not os.path.isdir(folder):
         raise GraphError(f"cannot write {dst}: folder {folder} does not exist")
-
-
-def max_abs_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

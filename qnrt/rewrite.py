@@ -2,7 +2,7 @@
 already optimized passes through untouched (and its memory-mapped weights are
 not copied).
 
-- identities removed: Identity, Dropout (inference), no-op Cast
+- identities removed: Identity, Dropout (inference)
 - batch norm folded into the preceding convolution (or Gemm-free standalone
   BatchNormalization left for its own kernel)
 - activation fused into the preceding convolution: PRelu kept per channel,
@@ -56,7 +56,6 @@ def fold_batchnorm(graph: Graph) -> None:
     producers = graph.producers()
     consts = graph.initializers
     kept = []
-    removed = set()
     for node in graph.nodes:
         conv = producers.get(node.inputs[0]) if node.op == "BatchNormalization" else None
         if (conv is None or conv.op != "Conv" or conv.attrs.get("activation")
@@ -81,8 +80,7 @@ def fold_batchnorm(graph: Graph) -> None:
         consts[bname] = ((b - mean) * k + bias).astype(np.float32)
         conv.inputs = [conv.inputs[0], wname, bname] + conv.inputs[3:]
         conv.outputs = [node.outputs[0]]
-        removed.add(id(node))
-    graph.nodes = [n for n in kept if id(n) not in removed]
+    graph.nodes = kept
 
 
 def _channel_slope(slope: np.ndarray, channels: int) -> np.ndarray | None:
@@ -143,7 +141,7 @@ def fuse_activations(graph: Graph) -> None:
         conv.attrs = {**conv.attrs, **attrs}
         conv.outputs = [node.outputs[0]]
         removed.add(id(node))
-        producers = graph.producers()
+        producers[node.outputs[0]] = conv
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
 

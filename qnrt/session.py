@@ -84,6 +84,7 @@ class Session:
         for node in graph.nodes:
             get_op(node.op)  # unknown ops fail now, not at the first run
         self._graph = graph
+        self._output_names = [v.name for v in graph.outputs]
         self._consts = {k: _as_float32(k, v) for k, v in graph.initializers.items()}
         self._programs: dict[tuple, Program] = {}
         self._lock = threading.Lock()
@@ -117,12 +118,11 @@ class Session:
     def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
         if isinstance(output_names, str):
             output_names = [output_names]
-        names = output_names or [v.name for v in self._graph.outputs]
-        known = {v.name for v in self._graph.outputs}
+        names = output_names or self._output_names
         for n in names:
-            if n not in known:
+            if n not in self._output_names:
                 raise InvalidArgument(f"'{n}' is not an output of this model; outputs are "
-                                      f"{sorted(known)}")
+                                      f"{sorted(self._output_names)}")
         shapes = self._check_feed(input_feed)
         with self._lock:
             program = self.prepare(shapes)
@@ -217,7 +217,7 @@ class Session:
 
         for v in graph.inputs:
             new_buffer(v.name, -1)
-        kernels, workspaces = [], []
+        kernels = []
         for i, node in enumerate(graph.nodes):
             op = get_op(node.op)
             in_shapes = [shapes[t] if t else None for t in node.inputs]
@@ -235,11 +235,11 @@ class Session:
                 else:
                     new_buffer(out, i)
         kernels = _lean_kernels(kernels, list(buffers.values()))
-        for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
-            if kernel.workspace:
-                workspaces.append(Buffer(f"{node.name or node.outputs[0]}:workspace",
-                                         int(kernel.workspace), i, i))
-        memory = plan(list(buffers.values()) + workspaces, len(graph.nodes))
+        workspaces = {i: Buffer(f"{node.name or node.outputs[0]}:workspace",
+                                int(kernel.workspace), i, i)
+                      for i, (node, kernel) in enumerate(zip(graph.nodes, kernels))
+                      if kernel.workspace}
+        memory = plan(list(buffers.values()) + list(workspaces.values()), len(graph.nodes))
         try:
             arena = _aligned_empty(memory.arena_bytes)
         except MemoryError:
@@ -249,12 +249,12 @@ class Session:
         offsets = memory.offsets()
         views = {t: arena[offsets[b]:offsets[b] + 4 * int(np.prod(shapes[t]))]
                  .view(np.float32).reshape(shapes[t]) for t, b in tensor_buffer.items()}
-        ws_views = {b.name: arena[b.offset:b.offset + b.size] for b in workspaces}
         steps = []
-        for node, kernel in zip(graph.nodes, kernels):
+        for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
             ins = [views[t] if t in views else consts.get(t) if t else None for t in node.inputs]
             outs = [views[t] for t in node.outputs]
-            ws = ws_views.get(f"{node.name or node.outputs[0]}:workspace")
+            b = workspaces.get(i)  # by step: node names need not be unique
+            ws = arena[b.offset:b.offset + b.size] if b else None
             steps.append(Step(node.name, node.op, kernel, ins, outs, ws))
         return Program(shapes, steps, memory, tensor_buffer, views, arena)
 

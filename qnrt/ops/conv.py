@@ -17,7 +17,6 @@ Paths:
 from __future__ import annotations
 
 
-import numba
 import numpy as np
 
 from . import Kernel, register
@@ -113,13 +112,13 @@ def prepare(node, in_shapes, out_shapes, consts):
     epi = (kind, a, b, has_bias or kind != 0)
     if (g["kh"] == g["kw"] == 1 and g["strides"] == [1, 1] and g["group"] == 1
             and g["begin"] == g["end"] == [0, 0]):
-        return _pointwise(g, w_c, side, epi, w_const)
+        return _pointwise(g, w_c, side, epi)
     if g["group"] == g["cin"] and g["cg"] == 1:
         return _depthwise_kernel(g, w_c, side, epi)
     return _general(g, w_c, side, epi)
 
 
-def _pointwise(g, w_c, side, epi, w_const=None):
+def _pointwise(g, w_c, side, epi):
     """1x1 stride 1: Y[n] = W (Cout, Cin) @ X[n] (Cin, HW) in BLAS, then the epilogue.
     With a batch of small images (HW <= BATCH_MAX_HW) one matmul per image
     would re-read W for every image and give BLAS too few columns: chunks of
@@ -173,7 +172,7 @@ def _pointwise(g, w_c, side, epi, w_const=None):
     return Kernel(run)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, fastmath={"reassoc", "contract"})
 def _pw_skinny(x3, w, xs, yt, y3, bias, slope, kind, a, b):
     """Y = W @ X for at most 4 columns in all (images x pixels): the time is one
     pass over W (Cout, Cin), read row by row in place (no copy, unlike BLAS's
@@ -283,10 +282,12 @@ def _depthwise_kernel(g, w_c, side, epi):
                           kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:])
         return Kernel(run, workspace=pad_bytes)
     if dw3x3:
+        zero = np.zeros(g["w"], np.float32)  # the row above the first and below the last
+
         def run(ins, outs, workspace):
             bias, slope = side(ins)
             _dw3x3(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
-                   kind, a, b)
+                   kind, a, b, zero)
         return Kernel(run)
 
     def run(ins, outs, workspace):
@@ -358,9 +359,9 @@ def _depthwise(x, w, bias, slope, y, mult, sh, sw, ph, pw, dh, dw, kind, a, b):
 
 
 @njit(cache=True)
-def _dw3x3(x, w, bias, slope, y, mult, kind, a, b):
-    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane."""
-    zero = np.zeros(x.shape[3], np.float32)
+def _dw3x3(x, w, bias, slope, y, mult, kind, a, b, zero):
+    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane;
+    zero: W zeros (the padding rows)."""
     for n in range(x.shape[0]):
         for m in range(y.shape[1]):
             _dw3x3_plane(x[n, m // mult], y[n, m], w[m, 0], bias[m], slope[m], zero,
