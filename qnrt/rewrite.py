@@ -149,3 +149,54 @@ def drop_unused_initializers(graph: Graph) -> None:
     used = {i for n in graph.nodes for i in n.inputs}
     for name in [k for k in graph.initializers if k not in used]:
         del graph.initializers[name]
+
+
+WEIGHTS_INT8_INPUT = 4  # Conv input index of the per-output-channel scale (3 is PRelu's slope)
+
+
+# The weight-bound layers: at QuickNet's 32x32 these are the 2x2, 512/1024-channel
+# pointwise convs, which run as few-column products that stream W once. Smaller
+# layers run through BLAS on dequantized weights: int8 would only cost a copy.
+INT8_MIN_WEIGHTS = 512 * 1024
+
+
+def quantize_pointwise_int8(graph: Graph, min_weights: int = INT8_MIN_WEIGHTS) -> Graph:
+    """Opt-in (Session(weights="int8")), not part of optimize(): each 1x1
+    stride-1 ungrouped unpadded Conv whose constant float weight (Cout, Cin,
+    1, 1) has at least `min_weights` values gets an int8 weight q and a
+    float32 per-output-channel scale (symmetric: W ~= scale[co] * q[co, ci],
+    scale = max|W[co]| / 127) as input WEIGHTS_INT8_INPUT (4; inputs 2 and 3,
+    bias and PRelu slope, padded with "" when absent), and attr
+    weights_int8 = 1. The float32 array leaves the graph (its memory-mapped
+    pages need not stay resident). Idempotent."""
+    consts = graph.initializers
+    users = graph.consumers()
+    for node in graph.nodes:
+        if node.op != "Conv" or node.attrs.get("weights_int8") or len(node.inputs) < 2:
+            continue
+        w = consts.get(node.inputs[1])
+        if (w is None or w.dtype.kind != "f" or w.ndim != 4 or tuple(w.shape[2:]) != (1, 1)
+                or w.size < min_weights or int(node.attrs.get("group", 1)) != 1
+                or any(int(s) != 1 for s in node.attrs.get("strides", [1, 1]))
+                or any(int(d) != 1 for d in node.attrs.get("dilations", [1, 1]))
+                or any(int(p) != 0 for p in node.attrs.get("pads", [0, 0, 0, 0]))
+                or len(node.inputs) > WEIGHTS_INT8_INPUT):
+            continue
+        w2 = np.asarray(w, dtype=np.float32).reshape(w.shape[0], -1)
+        amax = np.abs(w2).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(w2 / scale[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
+        base = node.inputs[1]
+        own = len(users.get(base, [])) == 1
+        qname = graph.fresh_name(base + ".int8")
+        consts[qname] = q
+        sname = graph.fresh_name(base + ".scale")
+        consts[sname] = scale
+        if own:
+            del consts[base]
+        inputs = node.inputs + [""] * (WEIGHTS_INT8_INPUT - len(node.inputs))
+        inputs[1] = qname
+        node.inputs = inputs + [sname]
+        node.attrs = {**node.attrs, "weights_int8": 1}
+    drop_unused_initializers(graph)
+    return graph

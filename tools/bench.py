@@ -114,6 +114,26 @@ def build_models(tmp: str, weights: str | None) -> tuple[str, str]:
     return qnb_path, onnx_path
 
 
+INT8_SHAPE = (1, 3, 32, 32)  # the shape also timed with Session(weights="int8")
+
+
+def skinny_weight_bytes(session, shape) -> tuple[int, int]:
+    """Weight bytes the skinny pointwise layers (at most SKINNY_COLS columns,
+    SKINNY_MIN_WEIGHTS weights) of an int8-weights session read per run: as
+    float32 and as int8."""
+    from qnrt.ops.conv import SKINNY_COLS, SKINNY_MIN_WEIGHTS
+
+    program = session.prepare({session.get_inputs()[0].name: shape})
+    n = 0
+    for node in session.graph.nodes:
+        if node.attrs.get("weights_int8"):
+            xs = program.shapes[node.inputs[0]]
+            q = session.graph.initializers[node.inputs[1]]
+            if xs[0] * xs[2] * xs[3] <= SKINNY_COLS and q.size >= SKINNY_MIN_WEIGHTS:
+                n += q.size
+    return 4 * n, n
+
+
 def time_engines(qnb_path: str, onnx_path: str, shape, repeat: int, threads: int) -> dict:
     import onnxruntime as ort
 
@@ -123,19 +143,32 @@ def time_engines(qnb_path: str, onnx_path: str, shape, repeat: int, threads: int
     opts.intra_op_num_threads = threads
     ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     ours = qnrt.Session(qnb_path)
+    ours8 = qnrt.Session(qnb_path, weights="int8") if tuple(shape) == INT8_SHAPE else None
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     feed = {"input": x}
     a, b = ours.run(None, feed)[0], ref.run(None, feed)[0]
     err = float(np.abs(a - b).max())
     for _ in range(3):  # warm both: JIT cache load, ORT's first-run allocations
         ours.run(None, feed), ref.run(None, feed)
-    tq, to = [], []
+        if ours8 is not None:
+            ours8.run(None, feed)
+    tq, to, t8 = [], [], []
     for _ in range(repeat):  # interleaved, so both see the same machine noise
         t = time.perf_counter(); ours.run(None, feed); tq.append(time.perf_counter() - t)
         t = time.perf_counter(); ref.run(None, feed); to.append(time.perf_counter() - t)
+        if ours8 is not None:
+            t = time.perf_counter(); ours8.run(None, feed); t8.append(time.perf_counter() - t)
     mq, mo = statistics.median(tq), statistics.median(to)
-    return {"shape": list(shape), "qnrt_ms": 1e3 * mq, "ort_ms": 1e3 * mo,
-            "ratio": mq / mo, "max_abs_diff": err}
+    out = {"shape": list(shape), "qnrt_ms": 1e3 * mq, "ort_ms": 1e3 * mo,
+           "ratio": mq / mo, "max_abs_diff": err}
+    if ours8 is not None:
+        m8 = statistics.median(t8)
+        fp32_bytes, int8_bytes = skinny_weight_bytes(ours8, tuple(shape))
+        out["int8_weights"] = {"qnrt_ms": 1e3 * m8, "ratio": m8 / mo,
+                               "max_abs_diff": float(np.abs(ours8.run(None, feed)[0] - b).max()),
+                               "skinny_weight_bytes_fp32": fp32_bytes,
+                               "skinny_weight_bytes_int8": int8_bytes}
+    return out
 
 
 def child(script: str, *args, threads: int = 1) -> list[float]:
@@ -177,6 +210,13 @@ def main(argv=None) -> int:
             print(f"{text:>13}: qnrt {r['qnrt_ms']:8.2f} ms   onnxruntime {r['ort_ms']:8.2f} ms   "
                   f"qnrt/ort {r['ratio']:5.2f}   (median of {repeat}, max |diff| "
                   f"{r['max_abs_diff']:.1e})", file=sys.stderr)
+            if "int8_weights" in r:
+                q8 = r["int8_weights"]
+                print(f"{'':>13}  qnrt int8-weights {q8['qnrt_ms']:8.2f} ms   qnrt int8/ort "
+                      f"{q8['ratio']:5.2f}   (same loop, max |diff| vs ort "
+                      f"{q8['max_abs_diff']:.1e}); skinny layers read "
+                      f"{q8['skinny_weight_bytes_fp32'] / 2**20:.2f} MiB of weights fp32 vs "
+                      f"{q8['skinny_weight_bytes_int8'] / 2**20:.2f} MiB int8", file=sys.stderr)
         if args.cold:
             cq = [child(COLD_QNRT, qnb_path, threads=args.threads) for _ in range(args.cold)]
             co = [child(COLD_ORT, onnx_path, threads=args.threads) for _ in range(args.cold)]

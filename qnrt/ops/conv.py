@@ -13,6 +13,12 @@ Paths:
   12 columns, a zero-padded flat kernel below 24, a flat plane kernel above;
   other windows: channels-last for small planes, per-row otherwise;
 - the general one: im2col tiles in the workspace + matmul.
+
+int8 weights (attr `weights_int8` = 1, set by rewrite.quantize_pointwise_int8
+for Session(weights="int8")): input 1 is an int8 constant q and input 4 a
+float32 per-output-channel scale, W = scale[co] * q[co, ...]. The skinny
+pointwise kernel reads q itself (4x fewer weight bytes); every other path
+dequantizes once in prepare to float32, which is correct but saves no memory.
 """
 from __future__ import annotations
 
@@ -108,14 +114,64 @@ def prepare(node, in_shapes, out_shapes, consts):
         return bias, (s if s.size == cout else np.full(cout, s[0], np.float32))
 
     w_const = const_of(node, 1, consts)
-    w_c = None if w_const is None else np.ascontiguousarray(w_const, dtype=np.float32)
     epi = (kind, a, b, has_bias or kind != 0)
-    if (g["kh"] == g["kw"] == 1 and g["strides"] == [1, 1] and g["group"] == 1
-            and g["begin"] == g["end"] == [0, 0]):
+    pointwise = (g["kh"] == g["kw"] == 1 and g["strides"] == [1, 1] and g["group"] == 1
+                 and g["begin"] == g["end"] == [0, 0])
+    if node.attrs.get("weights_int8"):
+        q, scale = _int8_weights(node, g, w_const, consts)
+        if pointwise and _skinny(g, q):
+            return _pointwise_int8(g, q.reshape(cout, g["cin"]), scale, side, epi)
+        # not weight-streaming bound: dequantize once (correct, but no memory saved)
+        w_c = (q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+    else:
+        w_c = None if w_const is None else np.ascontiguousarray(w_const, dtype=np.float32)
+    if pointwise:
         return _pointwise(g, w_c, side, epi)
     if g["group"] == g["cin"] and g["cg"] == 1:
         return _depthwise_kernel(g, w_c, side, epi)
     return _general(g, w_c, side, epi)
+
+
+def _int8_weights(node, g, q, consts):
+    """Input 1 (int8 q) and input 4 (float32 scale per output channel), checked:
+    the Numba kernel does not bounds-check."""
+    cout = g["cout"]
+    scale = const_of(node, 4, consts)
+    if q is None or scale is None:
+        fail(node, "weights_int8 needs a constant int8 weight (input 1) and a constant "
+                   "scale (input 4)")
+    q, scale = np.asarray(q), np.asarray(scale)
+    if q.dtype != np.int8:
+        fail(node, f"weights_int8: weight has dtype {q.dtype}, not int8")
+    if tuple(q.shape) != (cout, g["cg"], g["kh"], g["kw"]):
+        fail(node, f"weights_int8: weight shape {q.shape} does not match the geometry")
+    if scale.dtype != np.float32 or scale.size != cout:
+        fail(node, f"weights_int8: scale must be {cout} float32 values, not "
+                   f"{scale.size} {scale.dtype}")
+    return np.ascontiguousarray(q), numba_const(scale.reshape(cout))
+
+
+def _skinny(g, w):
+    return (w is not None and g["n"] * g["h"] * g["w"] <= SKINNY_COLS
+            and g["cin"] * g["cout"] >= SKINNY_MIN_WEIGHTS)
+
+
+def _pointwise_int8(g, q2, scale, side, epi):
+    """The skinny pointwise path on int8 weights: one pass over q (Cout, Cin)."""
+    n, cin, cout, hw = g["n"], g["cin"], g["cout"], g["h"] * g["w"]
+    kind, a, b, _ = epi
+    q_ro = q2.view()
+    q_ro.flags.writeable = False  # one Numba specialization, mapped or not
+    ws_bytes = 4 * SKINNY_COLS * (cin + cout)
+
+    def run(ins, outs, workspace):
+        bias, slope = side(ins)
+        ws = workspace[:ws_bytes].view(np.float32)
+        _pw_skinny_int8(ins[0].reshape(n, cin, hw), q_ro, scale,
+                        ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
+                        ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, cout),
+                        outs[0].reshape(n, cout, hw), bias, slope, kind, a, b)
+    return Kernel(run, workspace=ws_bytes)
 
 
 def _pointwise(g, w_c, side, epi):
@@ -130,7 +186,7 @@ def _pointwise(g, w_c, side, epi):
     n, cin, cout, hw = g["n"], g["cin"], g["cout"], g["h"] * g["w"]
     kind, a, b, has_epi = epi
     w2 = w_c.reshape(cout, cin) if w_c is not None else None
-    if w2 is not None and n * hw <= SKINNY_COLS and cin * cout >= SKINNY_MIN_WEIGHTS:
+    if _skinny(g, w2):
         w_ro = w2.view()
         w_ro.flags.writeable = False  # one Numba specialization, mapped or not
         ws_bytes = 4 * SKINNY_COLS * (cin + cout)
@@ -206,6 +262,49 @@ def _pw_skinny(x3, w, xs, yt, y3, bias, slope, kind, a, b):
         y1[co] = s1
         y2[co] = s2
         y3r[co] = s3
+    for j in range(ncols):
+        row = yt[j]
+        for k in range(cout):
+            row[k] += bias[k]
+        act_vec(row, slope, kind, a, b)
+        yn = y3[j // hw]
+        p = j % hw
+        for k in range(cout):
+            yn[k, p] = row[k]
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _pw_skinny_int8(x3, q, scale, xs, yt, y3, bias, slope, kind, a, b):
+    """_pw_skinny over int8 weights q (Cout, Cin): each q value is converted to
+    float32 in the inner loop, each dot product scaled by scale[co] at the end."""
+    n_, cin, hw = x3.shape
+    cout = q.shape[0]
+    ncols = n_ * hw
+    xs[:] = 0
+    for j in range(ncols):
+        xn = x3[j // hw]
+        p = j % hw
+        for c in range(cin):
+            xs[j, c] = xn[c, p]
+    x0, x1, x2, x3_ = xs[0], xs[1], xs[2], xs[3]
+    y0, y1, y2, y3r = yt[0], yt[1], yt[2], yt[3]
+    for co in range(cout):
+        r = q[co]
+        s0 = np.float32(0)
+        s1 = np.float32(0)
+        s2 = np.float32(0)
+        s3 = np.float32(0)
+        for c in range(cin):
+            v = np.float32(r[c])
+            s0 += v * x0[c]
+            s1 += v * x1[c]
+            s2 += v * x2[c]
+            s3 += v * x3_[c]
+        sc = scale[co]
+        y0[co] = s0 * sc
+        y1[co] = s1 * sc
+        y2[co] = s2 * sc
+        y3r[co] = s3 * sc
     for j in range(ncols):
         row = yt[j]
         for k in range(cout):
