@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import qnrt
-from qnrt.ops.conv import SKINNY_COLS, _pw_skinny_int8
+from qnrt.ops.conv import SKINNY_COLS, _pw_skinny
 from qnrt.ops._common import ACT_CODES
 from qnrt.rewrite import WEIGHTS_INT8_INPUT, optimize, quantize_pointwise_int8
 
@@ -33,7 +33,7 @@ def test_skinny_int8_kernel_matches_numpy(kind, n, hw):
     y = np.empty((n, cout, hw), np.float32)
     xs = np.empty((SKINNY_COLS, cin), np.float32)
     yt = np.empty((SKINNY_COLS, cout), np.float32)
-    _pw_skinny_int8(x, q, scale, xs, yt, y, bias, slope, ACT_CODES[kind], 0.0, 0.0)
+    _pw_skinny(x, q, scale, xs, yt, y, bias, slope, ACT_CODES[kind], 0.0, 0.0)
     wd = q.astype(np.float64) * scale[:, None]
     ref = np.einsum("oc,ncp->nop", wd, x.astype(np.float64)) + bias[None, :, None]
     if kind == "Relu":

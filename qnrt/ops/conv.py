@@ -120,7 +120,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     if node.attrs.get("weights_int8"):
         q, scale = _int8_weights(node, g, w_const, consts)
         if pointwise and _skinny(g, q):
-            return _pointwise_int8(g, q.reshape(cout, g["cin"]), scale, side, epi)
+            return _skinny_kernel(g, q.reshape(cout, g["cin"]), scale, side, epi)
         # not weight-streaming bound: dequantize once (correct, but no memory saved)
         w_c = (q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
     else:
@@ -156,21 +156,22 @@ def _skinny(g, w):
             and g["cin"] * g["cout"] >= SKINNY_MIN_WEIGHTS)
 
 
-def _pointwise_int8(g, q2, scale, side, epi):
-    """The skinny pointwise path on int8 weights: one pass over q (Cout, Cin)."""
+def _skinny_kernel(g, w2, scale, side, epi):
+    """The few-column pointwise path: one pass over W (Cout, Cin), float32 or
+    int8 (then `scale` per output channel; ones for float32)."""
     n, cin, cout, hw = g["n"], g["cin"], g["cout"], g["h"] * g["w"]
     kind, a, b, _ = epi
-    q_ro = q2.view()
-    q_ro.flags.writeable = False  # one Numba specialization, mapped or not
+    w_ro = w2.view()
+    w_ro.flags.writeable = False  # one Numba specialization, mapped or not
     ws_bytes = 4 * SKINNY_COLS * (cin + cout)
 
     def run(ins, outs, workspace):
         bias, slope = side(ins)
         ws = workspace[:ws_bytes].view(np.float32)
-        _pw_skinny_int8(ins[0].reshape(n, cin, hw), q_ro, scale,
-                        ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
-                        ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, cout),
-                        outs[0].reshape(n, cout, hw), bias, slope, kind, a, b)
+        _pw_skinny(ins[0].reshape(n, cin, hw), w_ro, scale,
+                   ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
+                   ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, cout),
+                   outs[0].reshape(n, cout, hw), bias, slope, kind, a, b)
     return Kernel(run, workspace=ws_bytes)
 
 
@@ -181,24 +182,13 @@ def _pointwise(g, w_c, side, epi):
     images are gathered into a (Cin, images * HW) workspace, multiplied at
     once, and scattered back through the epilogue. With at most SKINNY_COLS
     columns in all (the late layers of a small image) the time is the one pass
-    over W, which BLAS's packing slows down: a Numba kernel streams a
-    transposed copy of W once instead."""
+    over W, which BLAS's packing slows down: a Numba kernel reads W once, in
+    place (_skinny_kernel)."""
     n, cin, cout, hw = g["n"], g["cin"], g["cout"], g["h"] * g["w"]
     kind, a, b, has_epi = epi
     w2 = w_c.reshape(cout, cin) if w_c is not None else None
     if _skinny(g, w2):
-        w_ro = w2.view()
-        w_ro.flags.writeable = False  # one Numba specialization, mapped or not
-        ws_bytes = 4 * SKINNY_COLS * (cin + cout)
-
-        def run(ins, outs, workspace):
-            bias, slope = side(ins)
-            ws = workspace[:ws_bytes].view(np.float32)
-            _pw_skinny(ins[0].reshape(n, cin, hw), w_ro,
-                       ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
-                       ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, cout),
-                       outs[0].reshape(n, cout, hw), bias, slope, kind, a, b)
-        return Kernel(run, workspace=ws_bytes)
+        return _skinny_kernel(g, w2, np.ones(cout, np.float32), side, epi)
     nb = min(n, max(1, BATCH_COLS // hw), max(1, BATCH_WS_BYTES // (4 * hw * (cin + cout))))
     if n > 1 and hw <= BATCH_MAX_HW and nb > 1:
         cols = nb * hw
@@ -229,12 +219,14 @@ def _pointwise(g, w_c, side, epi):
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def _pw_skinny(x3, w, xs, yt, y3, bias, slope, kind, a, b):
+def _pw_skinny(x3, w, scale, xs, yt, y3, bias, slope, kind, a, b):
     """Y = W @ X for at most 4 columns in all (images x pixels): the time is one
     pass over W (Cout, Cin), read row by row in place (no copy, unlike BLAS's
-    packing). X goes to xs (4, Cin), zero-padded; each output is a dot product of
-    a W row with an xs row. Reassociating those sums lets them vectorize; the
-    error stays at float32 rounding level (tested against ONNX Runtime)."""
+    packing). W is float32, or int8 with dot products scaled by scale[co]
+    (compiled once per weight dtype). X goes to xs (4, Cin), zero-padded; each
+    output is a dot product of a W row with an xs row. Reassociating those sums
+    lets them vectorize; the error stays at float32 rounding level (tested
+    against ONNX Runtime)."""
     n_, cin, hw = x3.shape
     cout = w.shape[0]
     ncols = n_ * hw
@@ -248,48 +240,6 @@ def _pw_skinny(x3, w, xs, yt, y3, bias, slope, kind, a, b):
     y0, y1, y2, y3r = yt[0], yt[1], yt[2], yt[3]
     for co in range(cout):
         r = w[co]
-        s0 = np.float32(0)
-        s1 = np.float32(0)
-        s2 = np.float32(0)
-        s3 = np.float32(0)
-        for c in range(cin):
-            v = r[c]
-            s0 += v * x0[c]
-            s1 += v * x1[c]
-            s2 += v * x2[c]
-            s3 += v * x3_[c]
-        y0[co] = s0
-        y1[co] = s1
-        y2[co] = s2
-        y3r[co] = s3
-    for j in range(ncols):
-        row = yt[j]
-        for k in range(cout):
-            row[k] += bias[k]
-        act_vec(row, slope, kind, a, b)
-        yn = y3[j // hw]
-        p = j % hw
-        for k in range(cout):
-            yn[k, p] = row[k]
-
-
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def _pw_skinny_int8(x3, q, scale, xs, yt, y3, bias, slope, kind, a, b):
-    """_pw_skinny over int8 weights q (Cout, Cin): each q value is converted to
-    float32 in the inner loop, each dot product scaled by scale[co] at the end."""
-    n_, cin, hw = x3.shape
-    cout = q.shape[0]
-    ncols = n_ * hw
-    xs[:] = 0
-    for j in range(ncols):
-        xn = x3[j // hw]
-        p = j % hw
-        for c in range(cin):
-            xs[j, c] = xn[c, p]
-    x0, x1, x2, x3_ = xs[0], xs[1], xs[2], xs[3]
-    y0, y1, y2, y3r = yt[0], yt[1], yt[2], yt[3]
-    for co in range(cout):
-        r = q[co]
         s0 = np.float32(0)
         s1 = np.float32(0)
         s2 = np.float32(0)
