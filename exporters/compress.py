@@ -13,7 +13,7 @@ magnitude pruning; `prune_magnitude` is here for experiments):
 The result is the .qnb encoding 1 ("deep compression", docs/qnb-format.md),
 decoded at load time by qnrt/codec.py. In memory a compressed tensor stays a
 plain float32 array holding the dequantized weights (so accuracy can be
-measured directly); qnrt.format.attach_encoding() remembers its payload, and
+measured directly); qnrt.format.attach_encoding() puts its payload on the Graph, and
 qnrt.format.save() writes that payload instead of the raw floats.
 
     python -m exporters.compress SRC.qnb DST.qnb [--bits N] [--min-size N] [--prune F]
@@ -352,8 +352,8 @@ def compress_graph(graph: Graph, bits: int | None = None, min_size: int = 4096,
                 log(f"{name}: not compressed ({len(payload)} bytes encoded, {a.nbytes} raw)")
             continue
         deq.flags.writeable = False
-        qnb.attach_encoding(deq, qnb.DEEP_COMPRESSION, payload)
         graph.initializers[name] = deq
+        qnb.attach_encoding(graph, name, qnb.DEEP_COMPRESSION, payload)
         row.update(stats)
         if log:
             log(f"{name} {tuple(a.shape)} {kind}: {stats['nonzero']}/{a.size} nonzero, "

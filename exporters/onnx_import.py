@@ -34,23 +34,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qnrt.graph import Graph, GraphError, Node, ValueInfo
+from qnrt.ops import SUPPORTED_OPS
 
-RUNTIME_OPS = (
-    "Conv", "BatchNormalization", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid",
-    "HardSigmoid", "HardSwish", "Tanh", "Add", "Sub", "Mul", "Div", "MaxPool",
-    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul", "Flatten",
-    "Reshape", "Transpose", "Concat", "Softmax", "Squeeze", "Unsqueeze",
-)
 MIN_OPSET = 7
 _POOLS = ("Conv", "MaxPool", "AveragePool")
 
 
 def supported_ops() -> set[str]:
-    try:
-        from qnrt.ops import supported_ops as runtime_ops
-        return set(runtime_ops())
-    except Exception:  # kernels not importable (yet): fall back to the documented set
-        return set(RUNTIME_OPS)
+    """The runtime's op set (qnrt.ops.OP_MODULES: known without importing a kernel)."""
+    return set(SUPPORTED_OPS)
 
 
 def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool = False,

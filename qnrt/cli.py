@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
     from .image import ImageError, list_images, load_image
     from .session import Session
 
-    session = Session(args.model)
+    session = Session(args.model, kernels=args.kernels)
     meta = session.metadata
     inp = session.get_inputs()[0]
     if len(inp.shape) != 4:
@@ -113,7 +113,7 @@ def cmd_info(args) -> int:
     from .session import Session
 
     header = qnb.info(args.model)
-    session = Session(args.model)
+    session = Session(args.model, kernels=args.kernels)
     graph = session.graph
     shape = args.input_shape
     inp = session.get_inputs()[0]
@@ -138,6 +138,9 @@ def cmd_info(args) -> int:
         "arena_bytes": program.memory.arena_bytes,
         "naive_activation_bytes": program.memory.naive_bytes,
         "lower_bound_bytes": program.memory.lower_bound,
+        "steps": [{"node": st.node_name, "op": st.op, "kernel": st.kernel.name,
+                   "output_shape": list(st.outputs[0].shape),
+                   "workspace_bytes": st.kernel.workspace} for st in program.steps],
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -158,6 +161,11 @@ def cmd_info(args) -> int:
     print(f"activation arena for {report['planned_input_shapes']}: "
           f"{report['arena_bytes'] / 1024:.1f} KiB (naive {report['naive_activation_bytes'] / 1024:.1f}"
           f" KiB, lower bound {report['lower_bound_bytes'] / 1024:.1f} KiB)")
+    print("steps:")
+    width = max((len(st["node"]) for st in report["steps"]), default=4)
+    for k, st in enumerate(report["steps"]):
+        shape = "x".join(map(str, st["output_shape"]))
+        print(f"  {k:>3} {st['node']:<{width}}  {st['kernel']:<24} {shape}")
     return 0
 
 
@@ -197,16 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top", type=int, default=3, help="how many labels to print (default 3)")
     run.add_argument("--json", action="store_true", help="one JSON object per image")
     run.add_argument("--batch", type=int, default=16, help="images per run (default 16)")
+    run.add_argument("--kernels", choices=["auto", "reference"], default="auto",
+                     help="kernel variants: the fastest that apply (auto, default) or every "
+                          "op's plain reference (slow; for checking a result)")
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="describe a .qnb model and its memory plan",
                           description="Print a .qnb model's metadata, inputs and outputs, "
-                                      "parameter count, op counts, file size and the planned "
-                                      "activation arena for one input shape.")
+                                      "parameter count, op counts, file size, the planned "
+                                      "activation arena for one input shape and the kernel "
+                                      "variant of every step.")
     info.add_argument("model", help="a .qnb model file")
     info.add_argument("--input-shape", type=_shape, help="plan for this input shape, e.g. "
                       "1,3,224,224 (default: the model's, batch 1)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--kernels", choices=["auto", "reference"], default="auto",
+                      help="which kernel variants to plan with (default auto)")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert an ONNX or Keras .h5 model to .qnb",

@@ -13,14 +13,13 @@ import os
 import stat
 import struct
 import tempfile
-import weakref
 import zlib
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from .graph import Graph, Node, ValueInfo
+from .graph import Graph, Node, TensorEncoding, ValueInfo
 
 MAGIC = b"QNB\0"
 VERSION = 1
@@ -55,37 +54,28 @@ def _align(n: int) -> int:
 
 # ------------------------------------------------------------------ encoded arrays
 
-# id(array) -> (weak reference to it, encoding code, payload). An initializer that is
-# registered here is written with that encoding instead of raw; load() registers the
-# arrays it decodes, so a load -> save round trip keeps tensors compressed.
-_ENCODED: dict[int, tuple] = {}
-
-
-def attach_encoding(array: np.ndarray, encoding: int, payload: bytes) -> None:
-    """Make save() store `array` (float32) as `payload` in `encoding` instead of raw.
-    The payload must decode to exactly `array`; save() checks that before writing."""
+def attach_encoding(graph: Graph, name: str, encoding: int, payload: bytes) -> None:
+    """Make save() store initializer `name` (float32) as `payload` in `encoding`
+    instead of raw. The payload must decode to exactly the array; save() checks
+    that before writing. The encoding travels with the graph (Graph.encodings)."""
     if encoding not in ENCODINGS or encoding == RAW:
         raise ValueError(f"encoding {encoding} is not a known compressed encoding")
+    array = graph.initializers.get(name)
     if not isinstance(array, np.ndarray) or array.dtype.newbyteorder("=") != np.float32:
-        raise TypeError(f"encoding {encoding} holds float32 arrays only")
-    key = id(array)
-    if key not in _ENCODED or _ENCODED[key][0]() is not array:
-        weakref.finalize(array, _ENCODED.pop, key, None)
-    _ENCODED[key] = (weakref.ref(array), encoding, bytes(payload))
+        raise TypeError(f"encoding {encoding} holds float32 initializers only; '{name}' is "
+                        f"{type(array).__name__ if array is None else array.dtype}")
+    graph.encodings[name] = TensorEncoding(encoding, bytes(payload))
 
 
-def encoding_of(array) -> tuple[int, bytes] | None:
-    """(encoding, payload) that save() will use for `array`, or None for raw."""
-    entry = _ENCODED.get(id(array))
-    if entry is None or entry[0]() is not array:
-        return None
-    return entry[1], entry[2]
+def encoding_of(graph: Graph, name: str) -> tuple[int, bytes] | None:
+    """(encoding, payload) that save() will use for initializer `name`, or None for raw."""
+    entry = graph.encodings.get(name)
+    return None if entry is None else (entry.code, entry.payload)
 
 
-def detach_encoding(array) -> None:
-    """Store `array` raw again."""
-    if encoding_of(array) is not None:
-        del _ENCODED[id(array)]
+def detach_encoding(graph: Graph, name: str) -> None:
+    """Store initializer `name` raw again."""
+    graph.encodings.pop(name, None)
 
 
 def _decode_tensor(t: dict, payload: bytes) -> np.ndarray:
@@ -422,18 +412,18 @@ def _decode(buf, verify: bool) -> Graph:
             start = data_off + t["offset"]
             payload = bytes(buf[start:start + t["nbytes"]])
             decoded[t["name"]] = (_decode_tensor(t, payload), t["encoding"], payload)
-    inits = {}
+    inits, encodings = {}, {}
     for t in table.values():  # views made only after every check passed (see load)
         if t["name"] in decoded:
             arr, enc, payload = decoded[t["name"]]
             arr.flags.writeable = False  # like the mapped raw tensors
-            attach_encoding(arr, enc, payload)
+            encodings[t["name"]] = TensorEncoding(enc, payload)
             inits[t["name"]] = arr
             continue
         dt = np.dtype(t["dtype"]).newbyteorder("<")
         inits[t["name"]] = np.frombuffer(buf, dt, t["nbytes"] // dt.itemsize,
                                          data_off + t["offset"]).reshape(t["shape"])
-    return Graph(nodes, inputs, outputs, inits, meta, name)
+    return Graph(nodes, inputs, outputs, inits, meta, name, encodings)
 
 
 # ------------------------------------------------------------------ public API
@@ -497,10 +487,10 @@ def _write_data(f, tensors) -> None:
         pos = off + flat.nbytes
 
 
-def _stored(name: str, a) -> tuple[int, np.ndarray | None]:
-    """(encoding, payload bytes) for an initializer registered by attach_encoding(),
+def _stored(graph: Graph, name: str, a) -> tuple[int, np.ndarray | None]:
+    """(encoding, payload bytes) for an initializer with an encoding on the graph,
     after checking that its payload still decodes to exactly `a`; else (RAW, None)."""
-    entry = encoding_of(a)
+    entry = encoding_of(graph, name)
     if entry is None:
         return RAW, None
     enc, payload = entry
@@ -514,7 +504,7 @@ def _stored(name: str, a) -> tuple[int, np.ndarray | None]:
     if not np.array_equal(back.view(np.uint32), mine.view(np.uint32)):
         raise ValueError(f"initializer '{name}' no longer matches its {ENCODINGS[enc]} "
                          "encoding (modified after compression?): compress it again, or "
-                         "call qnrt.format.detach_encoding() on it to store it raw")
+                         "call qnrt.format.detach_encoding(graph, name) to store it raw")
     return enc, np.frombuffer(payload, np.uint8)
 
 
@@ -534,7 +524,7 @@ def save(graph: Graph, path) -> int:
     w, tensors, data_n, data_crc = _Writer(), [], 0, 0
     w.pack("I", len(graph.initializers))
     for name, a in graph.initializers.items():
-        enc, flat = _stored(name, a)
+        enc, flat = _stored(graph, name, a)
         a = np.asarray(a)
         code = _dtype_code(a.dtype, f"initializer '{name}'")
         if flat is None:

@@ -48,6 +48,16 @@ class ValueInfo:
     dtype: str = "float32"
 
 
+@dataclass(frozen=True)
+class TensorEncoding:
+    """How a file stores an initializer other than raw: the .qnb encoding code
+    and its payload, which must decode to exactly the initializer's value
+    (qnrt.format.save checks that, so a rewrite that changes the value cannot
+    be written with a stale payload)."""
+    code: int
+    payload: bytes = field(repr=False)
+
+
 @dataclass
 class Graph:
     nodes: list[Node]
@@ -56,6 +66,7 @@ class Graph:
     initializers: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = "graph"
+    encodings: dict[str, TensorEncoding] = field(default_factory=dict)  # initializer name ->
 
     def copy(self) -> "Graph":
         """A graph that rewrites can change without touching this one (arrays shared)."""
@@ -64,7 +75,8 @@ class Graph:
                       for n in self.nodes],
                      [ValueInfo(v.name, tuple(v.shape), v.dtype) for v in self.inputs],
                      [ValueInfo(v.name, tuple(v.shape), v.dtype) for v in self.outputs],
-                     dict(self.initializers), _copy.deepcopy(self.metadata), self.name)
+                     dict(self.initializers), _copy.deepcopy(self.metadata), self.name,
+                     dict(self.encodings))
 
     def producers(self) -> dict[str, Node]:
         return {o: n for n in self.nodes for o in n.outputs if o}
@@ -118,32 +130,3 @@ class Graph:
                                  "or form a cycle")
             pending = rest
         self.nodes = ordered
-
-
-def infer_shapes(graph: Graph, input_shapes: dict[str, tuple] | None = None) -> dict[str, tuple]:
-    """Concrete shape of every tensor, given concrete input shapes.
-
-    Each op's shape rule lives beside its kernel in qnrt/ops/<op>.py.
-    """
-    from .ops import get_op
-
-    shapes: dict[str, tuple] = {k: tuple(v.shape) for k, v in graph.initializers.items()}
-    for vi in graph.inputs:
-        shape = tuple((input_shapes or {}).get(vi.name, vi.shape))
-        if any(not isinstance(d, (int, np.integer)) or d < 1 for d in shape):
-            raise GraphError(f"input '{vi.name}' needs a concrete shape, got {shape}")
-        shapes[vi.name] = tuple(int(d) for d in shape)
-    for node in graph.nodes:
-        in_shapes = [shapes[i] if i else None for i in node.inputs]
-        try:
-            outs = get_op(node.op).infer(node, in_shapes, graph.initializers)
-        except GraphError:
-            raise
-        except Exception as exc:  # a rule's assertion becomes a named error
-            raise GraphError(f"{node.where()}: cannot infer output shape from inputs "
-                             f"{in_shapes}: {exc}") from exc
-        for name, shape in zip(node.outputs, outs):
-            if any(int(d) < 0 for d in shape):
-                raise GraphError(f"{node.where()} gives '{name}' an invalid shape {shape}")
-            shapes[name] = tuple(int(d) for d in shape)
-    return shapes

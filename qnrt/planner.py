@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ALIGN = 64  # bytes: cache-line aligned, and what SIMD loads like
+READ_AFTER_RUN = 1 << 30  # `last` of a buffer read after the last step (graph outputs)
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Buffer:
     name: str
     size: int  # bytes
     first: int  # step that writes it (-1: live before step 0, e.g. graph inputs)
-    last: int  # last step that reads it (a large number: read after the run)
+    last: int  # last step that reads it (READ_AFTER_RUN: read after the run)
     offset: int = -1
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Graph, Node
+from .ops import ACTIVATIONS
 
-FUSABLE = {"Relu", "PRelu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-           "SiLU"}
+FUSABLE = frozenset(ACTIVATIONS)  # every activation fuses into a Conv's epilogue
 
 
 def optimize(graph: Graph) -> Graph:
@@ -149,6 +149,7 @@ def drop_unused_initializers(graph: Graph) -> None:
     used = {i for n in graph.nodes for i in n.inputs}
     for name in [k for k in graph.initializers if k not in used]:
         del graph.initializers[name]
+        graph.encodings.pop(name, None)
 
 
 WEIGHTS_INT8_INPUT = 4  # Conv input index of the per-output-channel scale (3 is PRelu's slope)

@@ -1,21 +1,21 @@
-"""qnrt.Session: load a .qnb, plan one activation arena per input shape,
-run the Numba kernels over it. Shaped like onnxruntime.InferenceSession."""
+"""qnrt.Session: load a .qnb, compile one program (kernels + planned arena)
+per input shape, run it. Shaped like onnxruntime.InferenceSession; the
+compiling is qnrt.compiler's."""
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import format as qnb
-from .graph import Graph, GraphError, infer_shapes
-from .ops import Kernel, get_op
-from .planner import ALIGN, Buffer, Plan, aligned, plan
+from .compiler import KernelChoice, Program, compile_program
+from .graph import Graph, GraphError
+from .ops import get_op
 from .rewrite import optimize, quantize_pointwise_int8
 
 _ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
-AFTER_RUN = 1 << 30  # lifetime end for graph outputs: read after the last step
 
 
 class InvalidArgument(ValueError):
@@ -36,30 +36,9 @@ class ModelMetadata:
     custom_metadata_map: dict
 
 
-@dataclass
-class Step:
-    node_name: str
-    op: str
-    kernel: Kernel
-    inputs: list  # arena views or constant arrays
-    outputs: list
-    workspace: np.ndarray | None
-
-
-@dataclass
-class Program:
-    """Everything a run needs for one set of input shapes, fixed before it runs."""
-    shapes: dict
-    steps: list[Step]
-    memory: Plan
-    tensor_buffer: dict  # tensor name -> buffer name
-    views: dict  # tensor name -> arena view
-    arena: np.ndarray = field(repr=False)
-
-
 class Session:
     """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True,
-               input_shapes=None, weights="fp32")
+               input_shapes=None, weights="fp32", kernels="auto")
 
     `input_shapes` ({name: shape}) fixes dynamic dimensions at creation and plans
     the arena then; without it, each new input shape is planned on first use.
@@ -71,12 +50,20 @@ class Session:
     creation (rewrite.quantize_pointwise_int8: int8 per output channel, the
     float32 arrays dropped): at batch 1 on small images their layers read 4x
     fewer weight bytes; elsewhere they are dequantized once. Default "fp32".
+
+    `kernels` chooses kernel variants: "auto" (the fastest that applies),
+    "reference" (every op on its reference: slow, for checking), or a mapping
+    from an op type, node name or variant name to a variant name, e.g.
+    {"Conv": "conv.im2col"} or {"conv.dw3x3.padded": "conv.reference"}. An
+    unknown variant is a ValueError; one that does not apply to a node is a
+    GraphError naming the node. `Session.kernel_names()` says what ran.
     """
 
     def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True,
-                 input_shapes: dict | None = None, weights: str = "fp32"):
+                 input_shapes: dict | None = None, weights: str = "fp32", kernels="auto"):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', not {weights!r}")
+        self._kernel_choice = KernelChoice.parse(kernels)
         if isinstance(model, Graph):
             graph = model.copy()  # the caller's graph stays as it was
         elif isinstance(model, (bytes, bytearray, memoryview)):
@@ -160,8 +147,13 @@ class Session:
         shapes = self._concrete_input_shapes(input_shapes or {})
         key = tuple(sorted(shapes.items()))
         if key not in self._programs:
-            self._programs[key] = self._build(shapes)
+            self._programs[key] = compile_program(self._graph, self._consts, shapes,
+                                                  self._kernel_choice)
         return self._programs[key]
+
+    def kernel_names(self, input_shapes: dict | None = None) -> list[tuple[str, str]]:
+        """(node name, kernel variant) of every step at these input shapes."""
+        return [(s.node_name, s.kernel.name) for s in self.prepare(input_shapes).steps]
 
     def _concrete_input_shapes(self, given: dict) -> dict:
         """Given shapes, else the model's; a symbolic dimension defaults to 1, or for
@@ -202,101 +194,6 @@ class Session:
                 raise InvalidArgument(f"input '{name}' is empty (shape {value.shape})")
             shapes[name] = value.shape
         return shapes
-
-    def _build(self, input_shapes: dict) -> Program:
-        graph, consts = self._graph, self._consts
-        shapes = infer_shapes(graph, input_shapes)
-        last_use = _last_uses(graph)
-        outputs = {v.name for v in graph.outputs}
-        tensor_buffer: dict[str, str] = {}
-        buffers: dict[str, Buffer] = {}
-        members: dict[str, list[str]] = {}
-
-        def new_buffer(tensor, first):
-            buffers[tensor] = Buffer(tensor, 4 * int(np.prod(shapes[tensor])), first,
-                                     AFTER_RUN if tensor in outputs else last_use.get(tensor, first))
-            tensor_buffer[tensor] = tensor
-            members[tensor] = [tensor]
-
-        def join(tensor, buf):  # tensor shares buf's bytes
-            tensor_buffer[tensor] = buf
-            members[buf].append(tensor)
-            end = AFTER_RUN if tensor in outputs else last_use.get(tensor, 0)
-            buffers[buf].last = max(buffers[buf].last, end)
-
-        for v in graph.inputs:
-            new_buffer(v.name, -1)
-        kernels = []
-        for i, node in enumerate(graph.nodes):
-            op = get_op(node.op)
-            in_shapes = [shapes[t] if t else None for t in node.inputs]
-            out_shapes = [shapes[t] for t in node.outputs]
-            kernel = op.prepare(node, in_shapes, out_shapes, consts)
-            kernels.append(kernel)
-            src = node.inputs[0] if node.inputs else ""
-            buf = tensor_buffer.get(src)
-            for k, out in enumerate(node.outputs):
-                if k == 0 and buf and op.alias:
-                    join(out, buf)
-                elif (k == 0 and buf and op.inplace and out_shapes[0] == in_shapes[0]
-                      and all(last_use.get(t) == i and t not in outputs for t in members[buf])):
-                    join(out, buf)
-                else:
-                    new_buffer(out, i)
-        kernels = _lean_kernels(kernels, list(buffers.values()))
-        workspaces = {i: Buffer(f"{node.name or node.outputs[0]}:workspace",
-                                int(kernel.workspace), i, i)
-                      for i, (node, kernel) in enumerate(zip(graph.nodes, kernels))
-                      if kernel.workspace}
-        memory = plan(list(buffers.values()) + list(workspaces.values()), len(graph.nodes))
-        try:
-            arena = _aligned_empty(memory.arena_bytes)
-        except MemoryError:
-            raise GraphError(f"the activation arena for inputs {input_shapes} needs "
-                             f"{memory.arena_bytes / 2**20:,.1f} MiB, more than this machine "
-                             "can allocate") from None
-        offsets = memory.offsets()
-        views = {t: arena[offsets[b]:offsets[b] + 4 * int(np.prod(shapes[t]))]
-                 .view(np.float32).reshape(shapes[t]) for t, b in tensor_buffer.items()}
-        steps = []
-        for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
-            ins = [views[t] if t in views else consts.get(t) if t else None for t in node.inputs]
-            outs = [views[t] for t in node.outputs]
-            b = workspaces.get(i)  # by step: node names need not be unique
-            ws = arena[b.offset:b.offset + b.size] if b else None
-            steps.append(Step(node.name, node.op, kernel, ins, outs, ws))
-        return Program(shapes, steps, memory, tensor_buffer, views, arena)
-
-
-def _lean_kernels(kernels: list[Kernel], tensors: list[Buffer]) -> list[Kernel]:
-    """Swap in a kernel's low-workspace fallback wherever its scratch memory would
-    make that step the arena's peak: the tensors alone set the bound we keep."""
-    live = [0] * len(kernels)
-    for b in tensors:
-        for s in range(max(b.first, 0), min(b.last, len(kernels) - 1) + 1):
-            live[s] += aligned(b.size)
-    bound = max(live, default=0)
-    out = []
-    for step, kernel in enumerate(kernels):
-        while kernel.fallback is not None and live[step] + aligned(kernel.workspace) > bound:
-            kernel = kernel.fallback
-        out.append(kernel)
-    return out
-
-
-def _last_uses(graph: Graph) -> dict[str, int]:
-    last = {}
-    for i, node in enumerate(graph.nodes):
-        for t in node.inputs:
-            if t:
-                last[t] = i
-    return last
-
-
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    raw = np.empty(max(nbytes, 1) + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    return raw[start:start + nbytes]
 
 
 def _as_float32(name: str, value: np.ndarray) -> np.ndarray:

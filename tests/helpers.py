@@ -1,29 +1,79 @@
-"""Shared test helpers: ONNX Runtime as the reference engine."""
+"""Shared test helpers: ONNX Runtime as the reference engine, and the one
+closeness rule."""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def assert_close(ours, ref, rel: float = 1e-4, per_element: bool = False) -> float:
+    """Max abs error at most `rel` x the output scale (max(1, max |ref|)), or with
+    per_element, at most `rel` x max(1, |ref|) element by element. Returns the error."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    if ref.size == 0:
+        return 0.0
+    err = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    if per_element:
+        bound = rel * np.maximum(1.0, np.abs(ref.astype(np.float64)))
+        assert np.all(err <= bound), (f"max abs error {err.max():.3g} "
+                                      f"(|ref| max {np.abs(ref).max():.3g})")
+        return float(err.max())
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    assert err.max() <= rel * scale, f"max abs error {err.max():.3g} > {rel:g} x scale {scale:.3g}"
+    return float(err.max())
+
+
+def ort_session(model, threads: int = 1) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for an onnx ModelProto, on `threads` threads."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
 
 
 def ort_run(graph_or_model, feed: dict, outputs=None) -> list[np.ndarray]:
+    """Run a qnrt Graph (exported to ONNX) or an onnx ModelProto."""
     import onnx
-    import onnxruntime as ort
 
     if isinstance(graph_or_model, onnx.ModelProto):
         model = graph_or_model
     else:
         from exporters.onnx_export import to_onnx
         model = to_onnx(graph_or_model)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    return sess.run(outputs, feed)
+    return ort_session(model).run(outputs, feed)
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> float:
-    """Max abs error under `rel` of the output scale; returns the error."""
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    err = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64))))
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
-    return err
+def _dtype(a):
+    return {np.dtype(np.float32): TensorProto.FLOAT,
+            np.dtype(np.int64): TensorProto.INT64}[np.asarray(a).dtype]
+
+
+def ort_run_nodes(nodes, inputs, initializers=None, outputs=("y",), opset=OPSET, threads=1):
+    """Run a graph of onnx NodeProtos. `inputs`/`initializers` map names to
+    arrays; returns the list of output arrays."""
+    initializers = initializers or {}
+    graph = helper.make_graph(
+        nodes, "ref",
+        [helper.make_tensor_value_info(k, _dtype(v), list(np.shape(v))) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return ort_session(model, threads).run(list(outputs), dict(inputs))
+
+
+def one_node(op, inputs, initializers=None, attrs=None, input_names=None, opset=OPSET,
+             n_outputs=1):
+    """Run one `op` node. input_names (default: inputs then initializers, in
+    dict order) may contain "" for an omitted optional input."""
+    initializers = initializers or {}
+    names = input_names if input_names is not None else [*inputs, *initializers]
+    outs = ["y"] + [f"y{i}" for i in range(1, n_outputs)]
+    node = helper.make_node(op, names, outs, **(attrs or {}))
+    return ort_run_nodes([node], inputs, initializers, outs, opset)

@@ -250,27 +250,28 @@ def test_load_save_round_trip_keeps_the_compression(compressed, tmp_path):
 def test_a_changed_array_is_not_written_with_a_stale_payload(compressed, tmp_path):
     _, g, report, _ = compressed
     name = next(r["name"] for r in report["tensors"] if r["bits"])
-    g2 = Graph(g.nodes, g.inputs, g.outputs, dict(g.initializers), g.metadata, g.name)
+    g2 = g.copy()  # the encodings travel with the graph
     arr = g2.initializers[name]
     with pytest.raises(ValueError, match="read-only"):
         arr.reshape(-1)[0] = 1.0
     changed = arr.copy()
-    qnb.attach_encoding(changed, 1, qnb.encoding_of(arr)[1])
     changed.reshape(-1)[np.flatnonzero(changed)[0]] *= 2
-    g2.initializers[name] = changed
+    g2.initializers[name] = changed  # a rewrite that replaces the array
+    assert qnb.encoding_of(g2, name) is not None
     with pytest.raises(ValueError, match=f"'{name}' no longer matches"):
         qnb.save(g2, tmp_path / "m.qnb")
     assert os.listdir(tmp_path) == []
-    qnb.detach_encoding(changed)
-    assert qnb.encoding_of(changed) is None
+    qnb.detach_encoding(g2, name)
+    assert qnb.encoding_of(g2, name) is None
     qnb.save(g2, tmp_path / "m.qnb")
     assert bits_equal(qnb.load(tmp_path / "m.qnb").initializers[name], changed)
     assert {t["name"]: t["encoding"] for t in qnb.info(tmp_path / "m.qnb")["tensors"]}[
         name] == "raw"
+    g2.initializers.update(i=np.zeros(3, np.int32), f=np.zeros(3, np.float32))
     with pytest.raises(TypeError):
-        qnb.attach_encoding(np.zeros(3, np.int32), 1, b"")
+        qnb.attach_encoding(g2, "i", 1, b"")
     with pytest.raises(ValueError):
-        qnb.attach_encoding(np.zeros(3, np.float32), 7, b"")
+        qnb.attach_encoding(g2, "f", 7, b"")
 
 
 def test_compress_file_and_command_line(compressed, tmp_path, capsys):
@@ -319,7 +320,7 @@ def small(tmp_path_factory):
               [ValueInfo("x", ("N", 64, 4, 4))], [ValueInfo("y", ("N", 32, 4, 4))],
               {"w": w, "b": np.arange(32, dtype=np.float32)})
     C.compress_graph(g, min_size=1)
-    assert qnb.encoding_of(g.initializers["w"]) is not None
+    assert qnb.encoding_of(g, "w") is not None
     path = tmp_path_factory.mktemp("small") / "small.qnb"
     qnb.save(g, path)
     return path.read_bytes(), g.initializers["w"].copy()

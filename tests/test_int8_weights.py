@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import qnrt
-from qnrt.ops.conv import SKINNY_COLS, _pw_skinny
+from qnrt.ops.conv.pointwise import SKINNY_COLS, _pw_skinny
 from qnrt.ops._common import ACT_CODES
 from qnrt.rewrite import WEIGHTS_INT8_INPUT, optimize, quantize_pointwise_int8
 

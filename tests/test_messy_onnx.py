@@ -17,6 +17,9 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
+
+import helpers
+from helpers import ort_session
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters import from_onnx, to_onnx
@@ -386,20 +389,11 @@ def messy_models(torch_models: bool = True) -> list[Case]:
 # ---- running them ----------------------------------------------------------------------------
 
 def ort_outputs(model, feeds):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return ort_session(model).run(None, feeds)
 
 
 def assert_close(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    err = np.abs(got - ref)
-    bound = 1e-4 * np.maximum(1.0, np.abs(ref))
-    assert np.all(err <= bound), f"max abs err {err.max():.3g} (|ref| max {np.abs(ref).max():.3g})"
+    helpers.assert_close(got, ref, per_element=True)
 
 
 def run_case(case: Case, tmp_path):

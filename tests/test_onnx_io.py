@@ -10,18 +10,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+import helpers
+from helpers import ort_session
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters import from_onnx, onnx_import, save_onnx, to_onnx
+from exporters import from_onnx, save_onnx, to_onnx
 from models import quicknet
 from qnrt.graph import Graph, GraphError, Node, ValueInfo
-
-
-@pytest.fixture(autouse=True)
-def documented_op_set(monkeypatch):
-    # the runtime's op registry is written concurrently; pin the documented op set
-    # so these tests check the converter, not how far the kernels have got
-    monkeypatch.setattr(onnx_import, "supported_ops", lambda: set(onnx_import.RUNTIME_OPS))
 
 
 # ---- helpers ---------------------------------------------------------------------
@@ -32,13 +28,12 @@ def check(model):
 
 
 def run(model, *xs):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(model)
     return sess.run(None, {i.name: x for i, x in zip(sess.get_inputs(), xs)})
 
 
 def assert_close(got, ref):
-    err = np.abs(np.asarray(got, np.float64) - ref)
-    assert np.all(err <= 1e-4 * np.maximum(1.0, np.abs(ref))), f"max abs err {err.max()}"
+    helpers.assert_close(got, ref, per_element=True)
 
 
 def conv_ref(x, w, b, a):

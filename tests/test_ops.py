@@ -3,7 +3,6 @@ shapes and attributes, our kernel runs through the op contract (infer ->
 allocate -> prepare -> run) and must match ORT's one-node model."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import tracemalloc
 
@@ -13,10 +12,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from ort_reference import one_node, ort_run
+from helpers import assert_close, one_node, ort_run_nodes, ort_session
 from qnrt.graph import GraphError, Node
-from qnrt.ops import conv as conv_mod
-from qnrt.ops import get_op, supported_ops
+from qnrt.ops import all_variants, get_op, supported_ops
 
 FAST = settings(max_examples=40, deadline=None)
 SOME = settings(max_examples=20, deadline=None)
@@ -30,8 +28,9 @@ def readonly(a):
     return a
 
 
-def prepare(op, inputs, consts=None, attrs=None, names=None):
-    """infer + prepare one node; returns (kernel, ins, out shapes)."""
+def prepare(op, inputs, consts=None, attrs=None, names=None, variant=None):
+    """infer + prepare one node (the named kernel variant, else the one the
+    registry chooses); returns (kernel, ins, out shapes)."""
     consts = {k: readonly(v) for k, v in (consts or {}).items()}
     names = names if names is not None else [*inputs, *consts]
     node = Node(op, list(names), ["y"], dict(attrs or {}), "under_test")
@@ -39,29 +38,56 @@ def prepare(op, inputs, consts=None, attrs=None, names=None):
     shapes = [tuple(values[n].shape) if n else None for n in names]
     opdef = get_op(op)
     out_shapes = opdef.infer(node, shapes, consts)
-    kernel = opdef.prepare(node, shapes, out_shapes, consts)
+    kernel = opdef.prepare(node, shapes, out_shapes, consts, variant=variant)
     return kernel, [values[n] if n else None for n in names], out_shapes
 
 
-def run_qnrt(op, inputs, consts=None, attrs=None, names=None):
-    kernel, ins, out_shapes = prepare(op, inputs, consts, attrs, names)
+def applicable_variants(op, inputs, consts=None, attrs=None, names=None):
+    """Names of the variants of `op` whose predicate holds for this node, in order."""
+    consts = {k: readonly(v) for k, v in (consts or {}).items()}
+    names = names if names is not None else [*inputs, *consts]
+    node = Node(op, list(names), ["y"], dict(attrs or {}), "under_test")
+    values = {**inputs, **consts}
+    shapes = [tuple(values[n].shape) if n else None for n in names]
+    opdef = get_op(op)
+    spec = opdef.spec(node, shapes, opdef.infer(node, shapes, consts), consts)
+    return [v.name for v in opdef.applicable(spec)]
+
+
+def run_qnrt(op, inputs, consts=None, attrs=None, names=None, variant=None):
+    kernel, ins, out_shapes = prepare(op, inputs, consts, attrs, names, variant)
     outs = [np.full(s, np.nan, np.float32) for s in out_shapes]
     kernel.run(ins, outs, np.empty(kernel.workspace, np.uint8))
     return outs
 
 
+def run_variants(op, inputs, consts=None, attrs=None, names=None):
+    """{variant name: outputs} for every variant that applies, reference last."""
+    return {v: run_qnrt(op, dict(inputs), consts, attrs, names, variant=v)
+            for v in applicable_variants(op, inputs, consts, attrs, names)}
+
+
 def close(ours, ref):
-    ref = np.asarray(ref, np.float32)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    if ref.size:
-        err = float(np.max(np.abs(ours.astype(np.float64) - ref)))
-        assert err <= 1e-4 * max(1.0, float(np.max(np.abs(ref)))), err
+    assert_close(ours, np.asarray(ref, np.float32))
+
+
+def close_variants(op, results, ref):
+    """results (from run_variants): the reference against `ref` (ONNX Runtime's
+    answer), every other variant against the reference."""
+    results = dict(results)
+    reference = results.pop(get_op(op).reference.name)[0]
+    close(reference, ref)
+    for outs in results.values():
+        close(outs[0], reference)
 
 
 def check(op, inputs, consts=None, attrs=None, names=None, ref_attrs=None, opset=17):
-    ours = run_qnrt(op, inputs, consts, attrs, names)[0]
+    """The op's reference against ONNX Runtime, every other variant that applies
+    against the reference, and the chosen one against ONNX Runtime."""
     ref = one_node(op, inputs, consts, ref_attrs if ref_attrs is not None else attrs, names,
                    opset=opset)[0]
+    close_variants(op, run_variants(op, inputs, consts, attrs, names), ref)
+    ours = run_qnrt(op, inputs, consts, attrs, names)[0]
     close(ours, ref)
     return ours
 
@@ -117,25 +143,12 @@ def conv_cases(draw):
     return x, wt, bias, attrs
 
 
-@contextlib.contextmanager
-def depthwise_rows():
-    """Force depthwise convs onto the row kernels (small planes go channels-last)."""
-    saved = conv_mod.NHWC_MAX_WIDTH
-    conv_mod.NHWC_MAX_WIDTH = 0
-    try:
-        yield
-    finally:
-        conv_mod.NHWC_MAX_WIDTH = saved
-
-
 @FAST
 @given(conv_cases())
 def test_conv(case):
     x, wt, bias, attrs = case
     consts = {"w": wt} if bias is None else {"w": wt, "b": bias}
-    ref = check("Conv", {"x": x}, consts, attrs)
-    with depthwise_rows():
-        close(run_qnrt("Conv", {"x": x}, consts, attrs)[0], ref)
+    check("Conv", {"x": x}, consts, attrs)
 
 
 ACTIVATIONS = [("Relu", {}), ("PRelu", {}), ("Clip", {"min": -0.5, "max": 1.5}),
@@ -166,8 +179,7 @@ def test_conv_fused_activation(case, act, slope_is_scalar):
         consts["slope"] = slope
         names.append("slope")
     ours = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
-    with depthwise_rows():
-        rows = run_qnrt("Conv", {"x": x}, consts, fused, names)[0]
+    variants = run_variants("Conv", {"x": x}, consts, fused, names)
 
     nodes = [helper.make_node("Conv", ["x", *inits], ["c" if kind else "y"], **attrs)]
     if kind == "PRelu":
@@ -178,9 +190,9 @@ def test_conv_fused_activation(case, act, slope_is_scalar):
         nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
     elif kind:
         nodes.append(helper.make_node(kind, ["c"], ["y"], **params))
-    ref = ort_run(nodes, {"x": x}, inits)[0]
+    ref = ort_run_nodes(nodes, {"x": x}, inits)[0]
     close(ours, ref)
-    close(rows, ref)
+    close_variants("Conv", variants, ref)
 
 
 def test_conv_quicknet_shapes():
@@ -193,9 +205,7 @@ def test_conv_quicknet_shapes():
         x, wt, b = rand(rng, xs), rand(rng, ws, -0.3, 0.3), rand(rng, (ws[0],))
         for attrs in ({"group": g, "pads": [p] * 4}, {"group": g, "pads": [p] * 4,
                                                        "strides": [2, 2]}):
-            ref = check("Conv", {"x": x}, {"w": wt, "b": b}, attrs)
-            with depthwise_rows():
-                close(run_qnrt("Conv", {"x": x}, {"w": wt, "b": b}, attrs)[0], ref)
+            check("Conv", {"x": x}, {"w": wt, "b": b}, attrs)
 
 
 @pytest.mark.parametrize("xshape, cout", [
@@ -210,8 +220,9 @@ def test_pointwise_fast_paths(xshape, cout, act):
     b, slope = rand(rng, (cout,)), rand(rng, (cout,), 0.0, 0.5)
     attrs = {"activation": act} if act else {}
     names = ["x", "w", "b"] + (["s"] if act == "PRelu" else [])
-    ours = run_qnrt("Conv", {"x": x}, {"w": w, "b": b, "s": slope} if act == "PRelu"
-                    else {"w": w, "b": b}, attrs, names)[0]
+    consts = {"w": w, "b": b, "s": slope} if act == "PRelu" else {"w": w, "b": b}
+    ours = run_qnrt("Conv", {"x": x}, consts, attrs, names)[0]
+    variants = run_variants("Conv", {"x": x}, consts, attrs, names)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"])]
     inits = {"w": w, "b": b}
     if act == "PRelu":
@@ -221,7 +232,9 @@ def test_pointwise_fast_paths(xshape, cout, act):
         nodes.append(helper.make_node(act, ["c"], ["y"]))
     else:
         nodes[0].output[0] = "y"
-    close(ours, ort_run(nodes, {"x": x}, inits)[0])
+    ref = ort_run_nodes(nodes, {"x": x}, inits)[0]
+    close(ours, ref)
+    close_variants("Conv", variants, ref)
 
 
 @pytest.mark.parametrize("xshape, wshape, group", [((1, 4, 9, 9), (6, 4, 3, 3), 1),
@@ -232,10 +245,10 @@ def test_conv_fused_silu(xshape, wshape, group):
     rng = np.random.default_rng(wshape[0])
     x, w, b = rand(rng, xshape), rand(rng, wshape, -0.5, 0.5), rand(rng, (wshape[0],))
     attrs = {"group": group, "pads": [wshape[2] // 2] * 4}
-    ours = run_qnrt("Conv", {"x": x}, {"w": w, "b": b}, {**attrs, "activation": "SiLU"})[0]
+    variants = run_variants("Conv", {"x": x}, {"w": w, "b": b}, {**attrs, "activation": "SiLU"})
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs),
              helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
-    close(ours, ort_run(nodes, {"x": x}, {"w": w, "b": b})[0])
+    close_variants("Conv", variants, ort_run_nodes(nodes, {"x": x}, {"w": w, "b": b})[0])
 
 
 @pytest.mark.parametrize("width", [12, 17, 23, 24, 40])
@@ -254,11 +267,11 @@ def test_conv_runtime_weights():
         inputs = {"x": rand(rng, xs), "w": rand(rng, ws), "b": rand(rng, (ws[0],))}
         attrs = {"group": g, "pads": [p] * 4}
         ref = check("Conv", dict(inputs), attrs=attrs)
-        with depthwise_rows():
-            close(run_qnrt("Conv", dict(inputs), attrs=attrs)[0], ref)
         slope = rand(rng, (ws[0],))
-        fused = run_qnrt("Conv", dict(inputs, s=slope), attrs=dict(attrs, activation="PRelu"))[0]
-        close(fused, np.where(ref >= 0, ref, ref * slope[:, None, None]))
+        prelu = np.where(ref >= 0, ref, ref * slope[:, None, None])
+        for outs in run_variants("Conv", dict(inputs, s=slope),
+                                 attrs=dict(attrs, activation="PRelu")).values():
+            close(outs[0], prelu)
 
 
 def test_conv_no_big_allocations():
@@ -651,8 +664,9 @@ def test_op_module_table_matches_registrations():
     """get_op imports only the file OP_MODULES names: the table must be exact."""
     from qnrt.ops import OP_MODULES, REGISTRY
 
-    supported_ops()  # imports every kernel file
+    all_variants()  # imports every kernel file
     for module, ops in OP_MODULES.items():
         for op in ops:
-            assert REGISTRY[op].prepare.__module__ == f"qnrt.ops.{module}", op
+            where = REGISTRY[op].reference.build.__module__
+            assert where == f"qnrt.ops.{module}" or where.startswith(f"qnrt.ops.{module}."), op
     assert sorted(REGISTRY) == sorted(op for ops in OP_MODULES.values() for op in ops)

@@ -9,9 +9,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from ort_reference import one_node, ort_run
-from test_ops import (broadcast_pair, check, close, prepare, raises, rand, readonly, run_qnrt,
-                      seeds)
+from helpers import one_node, ort_run_nodes, ort_session
+from test_ops import (applicable_variants, broadcast_pair, check, close, prepare, raises, rand,
+                      readonly, run_qnrt, seeds)
 from qnrt.graph import Graph, Node, ValueInfo
 from qnrt.ops import get_op, supported_ops
 
@@ -235,19 +235,31 @@ def test_resize_larger():
 
 # --- Split / Slice -------------------------------------------------------------------
 
-def run_multi(op, inputs, consts, attrs, names, k):
-    """Our kernel on a node with k outputs (test_ops' harness has one)."""
+def multi_node(op, inputs, consts, attrs, names, k):
+    """A node with k outputs (test_ops' harness has one): (opdef, node, consts, values, shapes)."""
     consts = {n: readonly(v) for n, v in consts.items()}
     node = Node(op, list(names), [f"y{i}" for i in range(k)], dict(attrs), "under_test")
     values = {**inputs, **consts}
     shapes = [tuple(values[n].shape) if n else None for n in names]
-    opdef = get_op(op)
+    return get_op(op), node, consts, values, shapes
+
+
+def run_multi(op, inputs, consts, attrs, names, k, variant=None):
+    """Our kernel (the named variant, else the chosen one) on a node with k outputs."""
+    opdef, node, consts, values, shapes = multi_node(op, inputs, consts, attrs, names, k)
     out_shapes = opdef.infer(node, shapes, consts)
-    kernel = opdef.prepare(node, shapes, out_shapes, consts)
+    kernel = opdef.prepare(node, shapes, out_shapes, consts, variant=variant)
     outs = [np.full(s, np.nan, np.float32) for s in out_shapes]
     kernel.run([values[n] if n else None for n in names], outs,
                np.empty(kernel.workspace, np.uint8))
     return outs
+
+
+def multi_variants(op, inputs, consts, attrs, names, k):
+    """The variants that apply to a node with k outputs, in order (reference last)."""
+    opdef, node, consts, values, shapes = multi_node(op, inputs, consts, attrs, names, k)
+    spec = opdef.spec(node, shapes, opdef.infer(node, shapes, consts), consts)
+    return [v.name for v in opdef.applicable(spec)]
 
 
 @SOME
@@ -272,11 +284,14 @@ def test_split(shape, data):
         k = data.draw(st.integers(1, dim))
         assume(-(-dim // k) * (k - 1) < dim)  # ORT refuses an empty last chunk
         attrs["num_outputs"], opset = k, 18
-    ours = run_multi("Split", {"x": x}, consts, attrs, names, k)
     ref = one_node("Split", {"x": x}, consts, attrs, names, opset=opset, n_outputs=k)
-    assert len(ours) == len(ref)
-    for a, b in zip(ours, ref):
-        close(a, b)
+    variants = multi_variants("Split", {"x": x}, consts, attrs, names, k)
+    assert variants[-1] == get_op("Split").reference.name
+    for variant in [None, *variants]:  # the chosen one, then every variant (the reference too)
+        ours = run_multi("Split", {"x": x}, consts, attrs, names, k, variant)
+        assert len(ours) == len(ref)
+        for a, b in zip(ours, ref):
+            close(a, b)
 
 
 @st.composite
@@ -359,9 +374,11 @@ def test_unary_math(op, shape, seed, flip):
 @given(st.lists(st.integers(1, 5), max_size=4), seeds)
 def test_silu(shape, seed):
     x = rand(np.random.default_rng(seed), shape, -10, 10)
-    ours = run_qnrt("SiLU", {"x": x})[0]
     nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]
-    close(ours, ort_run(nodes, {"x": x})[0])
+    ref = ort_run_nodes(nodes, {"x": x})[0]
+    close(run_qnrt("SiLU", {"x": x})[0], ref)
+    for variant in applicable_variants("SiLU", {"x": x}):  # the reference among them
+        close(run_qnrt("SiLU", {"x": x}, variant=variant)[0], ref)
 
 
 def test_inplace_elementwise_extra():
@@ -416,7 +433,6 @@ def test_reduce_larger():
 
 def test_session_pad_conv_resize_concat_reduce():
     from exporters.onnx_export import to_onnx
-    from ort_reference import session
     from qnrt import Session
 
     rng = np.random.default_rng(5)
@@ -440,7 +456,7 @@ def test_session_pad_conv_resize_concat_reduce():
     ]
     graph = Graph(nodes, [ValueInfo("x", (1, 3, 8, 8))], [ValueInfo("y", (1, 7))], inits)
     x = rand(rng, (1, 3, 8, 8))
-    ref = session(to_onnx(graph)).run(["y"], {"x": x})[0]
+    ref = ort_session(to_onnx(graph)).run(["y"], {"x": x})[0]
     (ours,) = Session(graph).run(None, {"x": x})
     close(ours, ref)
 
@@ -448,7 +464,6 @@ def test_session_pad_conv_resize_concat_reduce():
 def test_session_conv_transpose_split_reduce():
     """Multi-output Split and in-place unary ops through the planner."""
     from exporters.onnx_export import to_onnx
-    from ort_reference import session
     from qnrt import Session
 
     rng = np.random.default_rng(6)
@@ -466,7 +481,7 @@ def test_session_conv_transpose_split_reduce():
     ]
     graph = Graph(nodes, [ValueInfo("x", (2, 3, 5, 6))], [ValueInfo("y", (2, 1, 10, 12))], inits)
     x = rand(rng, (2, 3, 5, 6))
-    ref = session(to_onnx(graph, opset=18)).run(["y"], {"x": x})[0]
+    ref = ort_session(to_onnx(graph, opset=18)).run(["y"], {"x": x})[0]
     (ours,) = Session(graph).run(None, {"x": x})
     close(ours, ref)
 

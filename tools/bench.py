@@ -121,7 +121,7 @@ def skinny_weight_bytes(session, shape) -> tuple[int, int]:
     """Weight bytes the skinny pointwise layers (at most SKINNY_COLS columns,
     SKINNY_MIN_WEIGHTS weights) of an int8-weights session read per run: as
     float32 and as int8."""
-    from qnrt.ops.conv import SKINNY_COLS, SKINNY_MIN_WEIGHTS
+    from qnrt.ops.conv.pointwise import SKINNY_COLS, SKINNY_MIN_WEIGHTS
 
     program = session.prepare({session.get_inputs()[0].name: shape})
     n = 0

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qnrt.cli import _shape  # noqa: E402
 from qnrt.format import FormatError  # noqa: E402
 from qnrt.graph import GraphError  # noqa: E402
-from qnrt.session import AFTER_RUN, Session  # noqa: E402
+from qnrt.planner import READ_AFTER_RUN  # noqa: E402
+from qnrt.session import Session  # noqa: E402
 
 
 def report(model: str, input_shape=None) -> dict:
@@ -43,7 +44,7 @@ def report(model: str, input_shape=None) -> dict:
                          if k in {i.name for i in session.get_inputs()}},
         "steps": steps,
         "buffers": [{"name": b.name, "bytes": b.size, "offset": b.offset, "first": b.first,
-                     "last": "after run" if b.last >= AFTER_RUN else b.last}
+                     "last": "after run" if b.last >= READ_AFTER_RUN else b.last}
                     for b in sorted(mem.buffers, key=lambda b: b.offset)],
         "arena_bytes": mem.arena_bytes,
         "naive_bytes": mem.naive_bytes,

@@ -4,7 +4,7 @@
 Runs the model's program step by step (the same kernels, arena views and
 workspaces `Session.run` uses), times every step with perf_counter over
 `--repeat` runs, and prints each node's median time, its share of the total,
-its output shape and, for convolutions, the multiply-adds and GFLOP/s.
+its kernel variant, its output shape and, for convolutions, the multiply-adds and GFLOP/s.
 Sorted slowest first; `--order` keeps graph order instead.
 
     python tools/profile_nodes.py model.qnb --input-shape 1,3,224,224 --repeat 20
@@ -71,7 +71,7 @@ def profile(model: str, input_shape=None, repeat: int = 20, warmup: int = 3) -> 
         node = session.graph.nodes[k]
         act = node.attrs.get("activation")
         rows.append({"index": k, "node": step.node_name or node.outputs[0],
-                     "op": step.op + (f"+{act}" if act else ""),
+                     "op": step.op + (f"+{act}" if act else ""), "kernel": step.kernel.name,
                      "in_shape": list(step.inputs[0].shape) if step.inputs and step.inputs[0] is not None else [],
                      "out_shape": list(step.outputs[0].shape),
                      "ms": ms, "macs": macs,
@@ -122,12 +122,13 @@ def main(argv=None) -> int:
         rows = rows[:args.top]
     print(f"{rep['model']}  input {tuple(rep['input_shape'])}  median of {rep['repeat']} runs, "
           f"arena {rep['arena_bytes'] / 2**20:.2f} MiB")
-    print(f"{'#':>3} {'node':<28} {'op':<14} {'output':<20} {'ms':>8} {'share':>6} "
-          f"{'GFLOP/s':>8}")
+    print(f"{'#':>3} {'node':<28} {'op':<14} {'kernel':<24} {'output':<20} {'ms':>8} "
+          f"{'share':>6} {'GFLOP/s':>8}")
     for r in rows:
         shape = "x".join(str(d) for d in r["out_shape"])
         gf = f"{r['gflops']:8.1f}" if r["gflops"] else ""
-        print(f"{r['index']:>3} {r['node'][:28]:<28} {r['op'][:14]:<14} {shape:<20} "
+        print(f"{r['index']:>3} {r['node'][:28]:<28} {r['op'][:14]:<14} {r['kernel'][:24]:<24} "
+              f"{shape:<20} "
               f"{r['ms']:8.3f} {100 * r['share']:5.1f}% {gf:>8}")
     print("by op: " + ", ".join(f"{k} {v:.2f} ms" for k, v in
                                sorted(rep["by_op"].items(), key=lambda kv: -kv[1])))

@@ -1,18 +1,27 @@
-"""Op registry: one file per op (or op family), each holding the op's shape
-rule, its Numba kernel(s) and the `prepare` that binds them.
+"""Op registry: one file (or package) per op family, each holding the ops'
+shape rule and their kernel variants, the last of which is the reference.
 
-The contract every op file fulfils:
+The contract every op family fulfils (see docs/architecture.md):
 
     infer(node, in_shapes, consts) -> list[tuple]
         Output shapes from input shapes (None for an omitted optional input).
         `consts` maps initializer names to arrays (for Reshape's shape, ...).
         Raises GraphError naming the node for anything it cannot run.
 
-    prepare(node, in_shapes, out_shapes, consts) -> Kernel
+    analyse(node, in_shapes, out_shapes, consts) -> spec      (optional)
         Validates everything a kernel will index (Numba does not bounds-check)
-        and returns a Kernel whose `run(ins, outs, workspace)` writes `outs`
-        (preallocated float32 C-contiguous arrays) without allocating.
-        `Kernel.workspace` is the scratch bytes it needs during the step.
+        and returns what the variants need; the default is a NodeSpec.
+
+    variants: [Variant(name, build, applies, prefers), ..., reference]
+        `applies(spec)`: the variant computes this node correctly (tests run
+        every variant wherever it applies). `prefers(spec)`: where it is also
+        the fast choice (thresholds). The first variant that applies and
+        prefers runs the node; a forced variant needs only to apply.
+        `build(spec)` returns a Kernel whose `run(ins, outs, workspace)` writes
+        `outs` (preallocated float32 C-contiguous arrays) without allocating.
+        The last variant is the op's reference: plain code that follows the
+        ONNX definition directly for every attribute combination the op
+        accepts; every other variant is tested against it.
 
     alias=True:   the output is the input's bytes under another shape
                   (Reshape, Flatten, Identity); the planner gives both one buffer.
@@ -21,32 +30,109 @@ The contract every op file fulfils:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from ..graph import GraphError
+from ..graph import GraphError, Node
 
 
-@dataclass
+@dataclass(frozen=True)
 class Kernel:
-    run: Callable  # run(ins: list[ndarray], outs: list[ndarray], workspace: ndarray | None)
+    """What one step runs: `run(ins, outs, workspace)` plus its scratch bytes.
+    `name` is the variant that built it (set by OpDef.prepare)."""
+    run: Callable
     workspace: int = 0  # bytes
-    # A variant needing less workspace (maybe slower). The session takes it where
-    # this kernel's workspace would lift the arena above the tensors' own peak.
-    fallback: "Kernel | None" = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """The default spec: a node with its concrete shapes and the constants."""
+    node: Node
+    in_shapes: list
+    out_shapes: list
+    consts: dict
+
+
+def always(spec) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # dotted, family first: "conv.dw3x3.padded", "pool.reference"
+    build: Callable[[Any], Kernel]
+    applies: Callable[[Any], bool] = always
+    prefers: Callable[[Any], bool] = always
+
+    @property
+    def is_reference(self) -> bool:
+        return self.name.endswith(".reference")
+
+
+def _node_spec(node, in_shapes, out_shapes, consts):
+    return NodeSpec(node, list(in_shapes), list(out_shapes), consts)
 
 
 @dataclass
 class OpDef:
     name: str
     infer: Callable
-    prepare: Callable
+    variants: list[Variant]
+    analyse: Callable = _node_spec
     alias: bool = False
     inplace: bool = False
 
+    @property
+    def reference(self) -> Variant:
+        return self.variants[-1]
+
+    def spec(self, node, in_shapes, out_shapes, consts):
+        return self.analyse(node, in_shapes, out_shapes, consts)
+
+    def applicable(self, spec) -> list[Variant]:
+        return [v for v in self.variants if v.applies(spec)]
+
+    def choose(self, spec) -> Variant:
+        """The first variant that applies and prefers this node (the reference
+        always applies, so there is one)."""
+        return next(v for v in self.variants
+                    if v.applies(spec) and (v.prefers(spec) or v is self.reference))
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def prepare(self, node, in_shapes, out_shapes, consts, variant: str | None = None) -> Kernel:
+        """The kernel for this node: the named variant (GraphError if it does not
+        apply here), else the first variant that applies."""
+        spec = self.spec(node, in_shapes, out_shapes, consts)
+        if variant is None:
+            chosen = self.choose(spec)
+        else:
+            try:
+                chosen = self.variant(variant)
+            except KeyError:
+                raise GraphError(f"{node.where()}: {self.name} has no kernel variant "
+                                 f"'{variant}'; it has {[v.name for v in self.variants]}") from None
+            if not chosen.applies(spec):
+                raise GraphError(f"{node.where()}: kernel variant '{variant}' does not apply "
+                                 f"to this node; these do: "
+                                 f"{[v.name for v in self.applicable(spec)]}")
+        return dataclasses.replace(chosen.build(spec), name=chosen.name)
+
 
 REGISTRY: dict[str, OpDef] = {}
+
+# The elementwise activations: each is an op of its own (ops/activation.py) and
+# can be fused into a Conv's epilogue (rewrite.fuse_activations; its code for the
+# Numba kernels is _common.ACT_CODES). The one list all three derive from.
+ACTIVATIONS = ("Relu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu",
+               "Tanh", "SiLU")
 
 # Where each op lives: a model imports only the kernel files it uses, which
 # keeps a device's cold start short. (tests/test_ops.py checks this table
@@ -56,8 +142,7 @@ OP_MODULES = {
     "conv_transpose": ["ConvTranspose"],
     "pool": ["AveragePool", "MaxPool"],
     "global_pool": ["GlobalAveragePool", "GlobalMaxPool"],
-    "activation": ["Clip", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Relu", "SiLU",
-                   "Sigmoid", "Tanh"],
+    "activation": sorted(ACTIVATIONS),
     "binary": ["Add", "Div", "Mul", "Sub"],
     "unary_math": ["Abs", "Exp", "Log", "Neg", "Pow", "Reciprocal", "Sqrt"],
     "batchnorm": ["BatchNormalization"],
@@ -74,11 +159,14 @@ OP_MODULES = {
     "slice": ["Slice"],
 }
 _MODULE_OF = {op: mod for mod, ops in OP_MODULES.items() for op in ops}
+SUPPORTED_OPS = frozenset(_MODULE_OF)  # known without importing a kernel (or numba)
 
 
-def register(names, infer, prepare, alias=False, inplace=False):
+def register(names, infer, variants, analyse=None, alias=False, inplace=False):
+    if not variants or not variants[-1].is_reference:
+        raise ValueError(f"{names}: the last variant must be the reference")
     for name in ([names] if isinstance(names, str) else names):
-        REGISTRY[name] = OpDef(name, infer, prepare, alias, inplace)
+        REGISTRY[name] = OpDef(name, infer, list(variants), analyse or _node_spec, alias, inplace)
 
 
 def _load_all():
@@ -95,5 +183,10 @@ def get_op(name: str) -> OpDef:
 
 
 def supported_ops() -> list[str]:
+    return sorted(SUPPORTED_OPS)
+
+
+def all_variants() -> dict[str, list[str]]:
+    """op -> its variant names, in the order they are tried (reference last)."""
     _load_all()
-    return sorted(REGISTRY)
+    return {op: [v.name for v in REGISTRY[op].variants] for op in sorted(REGISTRY)}

@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from ..graph import GraphError
+from . import ACTIVATIONS
 
 JIT = dict(cache=True, nogil=True, fastmath=False)
 
@@ -167,9 +168,8 @@ def valid_range(start, step, n, size):
 
 # --- activations -------------------------------------------------------------
 
-# codes shared by the unary ops and Conv's fused epilogue
-ACT_CODES = {"": 0, "Relu": 1, "PRelu": 2, "Clip": 3, "Sigmoid": 4, "HardSigmoid": 5,
-             "HardSwish": 6, "LeakyRelu": 7, "Tanh": 8, "SiLU": 9}
+# codes shared by the unary ops and Conv's fused epilogue (0: none; _act's branches)
+ACT_CODES = {"": 0, **{name: code for code, name in enumerate(ACTIVATIONS, 1)}}
 
 
 def activation_params(kind, alpha=None, beta=None, lo=None, hi=None):

@@ -1,15 +1,22 @@
 """Elementwise activations: Relu, LeakyRelu, PRelu, Clip, Sigmoid,
 HardSigmoid, HardSwish, Tanh, SiLU (all may run in place).
 
-SiLU (x * sigmoid(x), our IR name; ONNX spells it Sigmoid + Mul) has its own
-kernel: it is not in ACT_CODES, so Conv cannot fuse it yet."""
+SiLU is x * sigmoid(x) (our IR name; ONNX spells it Sigmoid + Mul). All of
+these are in ACT_CODES, so Conv can also fuse them as its epilogue.
+
+Variants: activation.flat (one loop over the flat tensor; Clip bounds given
+at run time are read then), activation.prelu6 (the slope broadcast over at
+most 6 dims), activation.silu, activation.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import ACTIVATIONS, Kernel, Variant, register
 from ._common import (ACT_CODES, activation_params, bcast_strides, binary6, broadcast_shapes,
                       c_strides, coalesce, const_of, fail, has_input, njit, numba_const, unary)
+from ._reference import activation
 
 
 def infer(node, in_shapes, consts):
@@ -33,39 +40,62 @@ def _clip_bound(node, i, consts, default):
     return float(node.attrs.get("min" if i == 1 else "max", default))
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class ActivationSpec:
+    op: str
+    size: int
+    a: float | None = None  # parameters (Clip: min, max; None: read at run time)
+    b: float | None = None
+    slope: np.ndarray | None = None  # PRelu: the const slope, flat
+    dims: tuple | None = None  # PRelu: (shape, x strides, slope strides) over 6 dims
+    cx: np.ndarray | None = None  # SiLU: a const input, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     x = infer(node, in_shapes, consts)[0]
-    if node.op == "PRelu":
-        return _prepare_prelu(node, in_shapes, consts)
-    if node.op == "SiLU":
-        return _prepare_silu(node, x, consts)
-    code = ACT_CODES[node.op]
+    size = int(np.prod(x))
     if node.op == "Clip":
-        lo = _clip_bound(node, 1, consts, -np.inf)
-        hi = _clip_bound(node, 2, consts, np.inf)
+        return ActivationSpec("Clip", size, _clip_bound(node, 1, consts, -np.inf),
+                              _clip_bound(node, 2, consts, np.inf))
+    if node.op == "PRelu":
+        s = tuple(in_shapes[1])
+        if len(x) > 6:
+            fail(node, f"rank {len(x)} > 6 is not supported")
+        slope = const_of(node, 1, consts)
+        slope = numba_const(slope).reshape(-1) if slope is not None else None
+        return ActivationSpec("PRelu", size, slope=slope,
+                              dims=tuple(coalesce(x, c_strides(x), bcast_strides(s, x))))
+    if node.op == "SiLU":
+        cx = const_of(node, 0, consts)
+        return ActivationSpec("SiLU", size, cx=numba_const(cx).reshape(-1) if cx is not None
+                              else None)
+    a, b = activation_params(node.op, node.attrs.get("alpha"), node.attrs.get("beta"))
+    return ActivationSpec(node.op, size, a, b)
+
+
+# --- activation.flat -------------------------------------------------------------
+
+def _build_flat(s: ActivationSpec) -> Kernel:
+    code = ACT_CODES[s.op]
+    if s.op == "Clip":
+        lo, hi = s.a, s.b
 
         def run(ins, outs, workspace):  # bounds given at run time are read here
             a = lo if lo is not None else float(ins[1].reshape(-1)[0])
             b = hi if hi is not None else float(ins[2].reshape(-1)[0])
             unary(ins[0].reshape(-1), outs[0].reshape(-1), code, a, b)
         return Kernel(run)
-    a, b = activation_params(node.op, node.attrs.get("alpha"), node.attrs.get("beta"))
-    size = int(np.prod(x))
+    a, b, size = s.a, s.b, s.size
 
     def run(ins, outs, workspace):
         unary(ins[0].reshape(size), outs[0].reshape(size), code, a, b)
     return Kernel(run)
 
 
-def _prepare_prelu(node, in_shapes, consts):
-    x, s = tuple(in_shapes[0]), tuple(in_shapes[1])
-    if len(x) > 6:
-        fail(node, f"rank {len(x)} > 6 is not supported")
-    dims = coalesce(x, c_strides(x), bcast_strides(s, x))
-    shape, sa, sb = dims
-    slope = const_of(node, 1, consts)
-    slope = numba_const(slope).reshape(-1) if slope is not None else None
-    size = int(np.prod(x))
+# --- activation.prelu6 -------------------------------------------------------------
+
+def _build_prelu6(s: ActivationSpec) -> Kernel:
+    (shape, sa, sb), slope, size = s.dims, s.slope, s.size
 
     def run(ins, outs, workspace):
         sl = slope if slope is not None else ins[1].reshape(-1)
@@ -73,10 +103,10 @@ def _prepare_prelu(node, in_shapes, consts):
     return Kernel(run)
 
 
-def _prepare_silu(node, x, consts):
-    size = int(np.prod(x))
-    cx = const_of(node, 0, consts)
-    cx = numba_const(cx).reshape(-1) if cx is not None else None
+# --- activation.silu ------------------------------------------------------------------
+
+def _build_silu(s: ActivationSpec) -> Kernel:
+    cx, size = s.cx, s.size
 
     def run(ins, outs, workspace):
         _silu(cx if cx is not None else ins[0].reshape(size), outs[0].reshape(size))
@@ -92,5 +122,28 @@ def _silu(x, y):
         y[i] = v / (one + np.exp(-v))
 
 
-register(["Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-          "SiLU"], infer, prepare, inplace=True)
+# --- activation.reference ----------------------------------------------------------
+
+def _build_reference(s: ActivationSpec) -> Kernel:
+    """_reference.activation of the op (the slope broadcast to X for PRelu)."""
+    def run(ins, outs, workspace):
+        a, b, slope = s.a, s.b, None
+        if s.op == "Clip":  # bounds given at run time
+            a = a if a is not None else float(np.asarray(ins[1]).reshape(-1)[0])
+            b = b if b is not None else float(np.asarray(ins[2]).reshape(-1)[0])
+        elif s.op == "PRelu":
+            slope = ins[1]
+        outs[0][...] = activation(s.op, ins[0], slope, 0.0 if a is None else a,
+                                  0.0 if b is None else b)
+    return Kernel(run)
+
+
+REFERENCE = Variant("activation.reference", _build_reference)
+FLAT = Variant("activation.flat", _build_flat)
+
+register([a for a in ACTIVATIONS if a not in ("PRelu", "SiLU")], infer, [FLAT, REFERENCE],
+         analyse=analyse, inplace=True)
+register("PRelu", infer, [Variant("activation.prelu6", _build_prelu6), REFERENCE],
+         analyse=analyse, inplace=True)
+register("SiLU", infer, [Variant("activation.silu", _build_silu), REFERENCE],
+         analyse=analyse, inplace=True)

@@ -1,9 +1,14 @@
-"""BatchNormalization, inference form: y = x * s + t per channel (axis 1)."""
+"""BatchNormalization, inference form: y = x * s + t per channel (axis 1).
+
+Variants: batchnorm.affine (s, t folded once in float64 when the parameters
+are consts), batchnorm.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import const_of, fail, njit
 
 
@@ -21,17 +26,30 @@ def infer(node, in_shapes, consts):
     return [tuple(x)]
 
 
+@dataclass(frozen=True, eq=False)
+class BatchNormSpec:
+    n: int
+    c: int
+    hw: int  # elements per (image, channel)
+    eps: float
+    fixed: tuple | None  # (s, t) float32 when scale, B, mean, var are consts
+
+
 def _affine(eps, scale, bias, mean, var):
     s = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
     return (s.astype(np.float32), (bias - mean * s).astype(np.float32))
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+def analyse(node, in_shapes, out_shapes, consts):
     x = infer(node, in_shapes, consts)[0]
-    n, c, hw = int(x[0]), int(x[1]), int(np.prod(x[2:]))
     eps = float(node.attrs.get("epsilon", 1e-5))
     params = [const_of(node, i, consts) for i in range(1, 5)]
     fixed = _affine(eps, *params) if all(p is not None for p in params) else None
+    return BatchNormSpec(int(x[0]), int(x[1]), int(np.prod(x[2:])), eps, fixed)
+
+
+def _build_affine(s: BatchNormSpec) -> Kernel:
+    n, c, hw, eps, fixed = s.n, s.c, s.hw, s.eps, s.fixed
 
     def run(ins, outs, workspace):
         s, t = fixed if fixed is not None else _affine(eps, *ins[1:5])
@@ -49,4 +67,19 @@ def _scale_shift(x, y, s, t):
                 yr[i] = xr[i] * sc + tc
 
 
-register("BatchNormalization", infer, prepare, inplace=True)
+def _build_reference(s: BatchNormSpec) -> Kernel:
+    """y = (x - mean) / sqrt(var + epsilon) * scale + B, channels on axis 1
+    (in float64, then rounded)."""
+    def run(ins, outs, workspace):
+        x = np.asarray(ins[0], np.float64).reshape(s.n, s.c, s.hw)
+        scale, bias, mean, var = (np.asarray(p, np.float64).reshape(1, s.c, 1) for p in ins[1:5])
+        with np.errstate(all="ignore"):
+            y = (x - mean) / np.sqrt(var + s.eps) * scale + bias
+            outs[0][...] = y.astype(np.float32).reshape(outs[0].shape)
+    return Kernel(run)
+
+
+register("BatchNormalization", infer, [
+    Variant("batchnorm.affine", _build_affine),
+    Variant("batchnorm.reference", _build_reference),
+], analyse=analyse, inplace=True)

@@ -1,9 +1,13 @@
-"""Concat along one axis (negative allowed): one strided copy per input."""
+"""Concat along one axis (negative allowed).
+
+Variants: concat.copy6 (one strided copy per input), concat.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import coalesce, const_of, copy6, fail, norm_axis, numba_const
 
 
@@ -22,12 +26,19 @@ def infer(node, in_shapes, consts):
     return [first[:axis] + (total,) + first[axis + 1:]]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class ConcatSpec:
+    y: tuple
+    axis: int
+    parts: tuple  # per non-empty input: (index, const, offset, shape, src, dst strides, size)
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     y = infer(node, in_shapes, consts)[0]
     axis = norm_axis(node, int(node.attrs["axis"]), len(y))
     outer, inner = int(np.prod(y[:axis])), int(np.prod(y[axis + 1:]))
     row = y[axis] * inner  # output elements per outer index
-    parts, off = [], 0  # (input index, const, offset, shape, src, dst strides)
+    parts, off = [], 0
     for i, s in enumerate(in_shapes):
         width = int(s[axis]) * inner
         if width:
@@ -36,7 +47,11 @@ def prepare(node, in_shapes, out_shapes, consts):
             parts.append((i, None if c is None else numba_const(c).reshape(-1), off,
                           shape, ss, ds, outer * width))
         off += width
-    size = int(np.prod(y))
+    return ConcatSpec(y, axis, tuple(parts))
+
+
+def _build_copy6(s: ConcatSpec) -> Kernel:
+    parts, size = s.parts, int(np.prod(s.y))
 
     def run(ins, outs, workspace):
         out = outs[0].reshape(size)
@@ -45,4 +60,14 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register("Concat", infer, prepare)
+def _build_reference(s: ConcatSpec) -> Kernel:
+    """numpy's concatenate along the axis."""
+    def run(ins, outs, workspace):
+        outs[0][...] = np.concatenate([np.asarray(v, np.float32) for v in ins], axis=s.axis)
+    return Kernel(run)
+
+
+register("Concat", infer, [
+    Variant("concat.copy6", _build_copy6),
+    Variant("concat.reference", _build_reference),
+], analyse=analyse)

@@ -1,26 +1,30 @@
 """ConvTranspose (1-D or 2-D, NCHW): group, strides, dilations, pads,
 output_padding, output_shape, auto_pad, optional bias.
 
-Per image, group and tile of input pixels: columns = W_g^T (Mg*KH*KW, Cg) @
-X tile (Cg, T) in BLAS (the tile in the workspace), then col2im adds every
-column into the output, which starts as the bias. Pads follow the ONNX
-formulas (with output_shape or SAME_*: total padding split with the odd
-pixel at the end for SAME_UPPER, at the beginning otherwise). SAME_* sizes the
-output input * stride, like onnxruntime never larger than the unpadded
-output (when kernel extent + output_padding < stride). output_padding may be
-up to max(stride, dilation) - 1 (the spec's bound; onnxruntime refuses
-output_padding >= stride).
+Pads follow the ONNX formulas (with output_shape or SAME_*: total padding
+split with the odd pixel at the end for SAME_UPPER, at the beginning
+otherwise). SAME_* sizes the output input * stride, like onnxruntime never
+larger than the unpadded output (when kernel extent + output_padding <
+stride). output_padding may be up to max(stride, dilation) - 1 (the spec's
+bound; onnxruntime refuses output_padding >= stride).
+
+Variants: conv_transpose.col2im (per image, group and tile of input pixels:
+columns = W_g^T (Mg*KH*KW, Cg) @ X tile (Cg, T) in BLAS, the tile's columns
+in the workspace, then col2im adds every column into the output, which
+starts as the bias), conv_transpose.reference (the definition: each input
+pixel adds x * W into the output window it maps to, in float64).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, attr_str, const_of, fail, has_input, njit, numba_const
 from ._common import valid_range as _valid
+from .conv.im2col import tile_columns
 
-WORKSPACE_BUDGET = 256 * 1024  # bytes of columns per tile
-MIN_TILE = 64  # input pixels; BLAS gets inefficient below this
 
 
 def _geometry(node, in_shapes):
@@ -99,23 +103,54 @@ def infer(node, in_shapes, consts):
     return [_out_shape(g)]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class ConvTransposeSpec:
+    n: int
+    cin: int
+    h: int  # input plane (H = 1 for 1-D)
+    w: int
+    mg: int  # output channels per group
+    cout: int
+    group: int
+    kh: int
+    kw: int
+    strides: tuple
+    dil: tuple
+    begin: tuple  # pads (top, left): the output starts this far into the full output
+    oh: int
+    ow: int
+    has_bias: bool
+    w_c: np.ndarray | None  # const weight (Cin, Mg, KH, KW)
+    b_c: np.ndarray | None  # const bias, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     g = _geometry(node, in_shapes)
     y = infer(node, in_shapes, consts)[0]
     if tuple(out_shapes[0]) != y:
         fail(node, f"output shape {out_shapes[0]} != {y}")
-    n, cin, group, mg, cout = g["n"], g["cin"], g["group"], g["mg"], g["cout"]
-    kh, kw, h, w, oh, ow = g["kh"], g["kw"], g["h"], g["w"], g["oh"], g["ow"]
-    (sh, sw), (dh, dw), (ph, pw) = g["strides"], g["dil"], g["begin"]
+    has_bias = has_input(node, 2)
+    b_c = const_of(node, 2, consts) if has_bias else None
+    return ConvTransposeSpec(g["n"], g["cin"], g["h"], g["w"], g["mg"], g["cout"], g["group"],
+                             g["kh"], g["kw"], tuple(g["strides"]), tuple(g["dil"]),
+                             tuple(g["begin"]), g["oh"], g["ow"], has_bias,
+                             const_of(node, 1, consts),
+                             numba_const(b_c).reshape(-1) if b_c is not None else None)
+
+
+# --- conv_transpose.col2im ------------------------------------------------------------
+
+def _build_col2im(s: ConvTransposeSpec) -> Kernel:
+    n, cin, group, mg, cout = s.n, s.cin, s.group, s.mg, s.cout
+    kh, kw, h, w, oh, ow = s.kh, s.kw, s.h, s.w, s.oh, s.ow
+    (sh, sw), (dh, dw), (ph, pw) = s.strides, s.dil, s.begin
     cg, kk, hw = cin // group, mg * kh * kw, h * w
-    tile = max(1, min(hw, max(MIN_TILE, WORKSPACE_BUDGET // (4 * kk))))
-    w_c = const_of(node, 1, consts)
+    tile = max(1, tile_columns(kk, hw))  # input pixels per tile, as Conv's im2col
+    w_c = s.w_c
     # (group, Mg*KH*KW, Cg): the transposed weights of each group, contiguous
     wt_c = None if w_c is None else np.ascontiguousarray(
         np.asarray(w_c, np.float32).reshape(group, cg, kk).transpose(0, 2, 1))
-    has_bias = has_input(node, 2)
-    b_c = const_of(node, 2, consts) if has_bias else None
-    b_c = numba_const(b_c).reshape(-1) if b_c is not None else None
+    has_bias, b_c = s.has_bias, s.b_c
     zeros = np.zeros(cout, np.float32)
 
     def run(ins, outs, workspace):
@@ -177,4 +212,36 @@ def _col2im(col, y, m0, kh_, kw_, sh, sw, ph, pw, dh, dw, w_in, t0):
                 k += 1
 
 
-register("ConvTranspose", infer, prepare)
+# --- conv_transpose.reference ---------------------------------------------------------
+
+def _build_reference(s: ConvTransposeSpec) -> Kernel:
+    """y[n, g*Mg + m, ih*sh - ph + a*dh, iw*sw - pw + b*dw] += x[n, g*Cg + c, ih, iw]
+    * w[g*Cg + c, m, a, b], over an uncropped canvas that is then cropped to
+    the output (taps landing in the pads are dropped); plus the bias."""
+    (sh, sw), (dh, dw), (ph, pw) = s.strides, s.dil, s.begin
+    cg = s.cin // s.group
+    # the canvas: every tap's position, and the whole output (output_padding)
+    ch = max((s.h - 1) * sh + (s.kh - 1) * dh + 1, ph + s.oh)
+    cw = max((s.w - 1) * sw + (s.kw - 1) * dw + 1, pw + s.ow)
+
+    def run(ins, outs, workspace):
+        x = np.asarray(ins[0], np.float64).reshape(s.n, s.group, cg, s.h, s.w)
+        w = np.asarray(ins[1], np.float64).reshape(s.group, cg, s.mg, s.kh, s.kw)
+        canvas = np.zeros((s.n, s.group, s.mg, ch, cw), np.float64)
+        with np.errstate(all="ignore"):
+            for a in range(s.kh):
+                for b in range(s.kw):
+                    canvas[..., a * dh:a * dh + (s.h - 1) * sh + 1:sh,
+                           b * dw:b * dw + (s.w - 1) * sw + 1:sw] += \
+                        np.einsum("ngchw,gcm->ngmhw", x, w[..., a, b])
+            y = canvas.reshape(s.n, s.cout, ch, cw)[:, :, ph:ph + s.oh, pw:pw + s.ow]
+            if s.has_bias:
+                y = y + np.asarray(ins[2], np.float64).reshape(1, s.cout, 1, 1)
+            outs[0][...] = y.astype(np.float32).reshape(outs[0].shape)
+    return Kernel(run)
+
+
+register("ConvTranspose", infer, [
+    Variant("conv_transpose.col2im", _build_col2im),
+    Variant("conv_transpose.reference", _build_reference),
+], analyse=analyse)

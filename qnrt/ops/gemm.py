@@ -1,9 +1,14 @@
-"""Gemm: Y = alpha * A' @ B' + beta * C (A' = A or A.T, B' = B or B.T)."""
+"""Gemm: Y = alpha * A' @ B' + beta * C (A' = A or A.T, B' = B or B.T).
+
+Variants: gemm.blas (numpy's matmul into Y, the scalars applied in place;
+a const C is folded with beta once), gemm.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import broadcast_shapes, const_of, fail, has_input
 
 
@@ -22,13 +27,30 @@ def infer(node, in_shapes, consts):
     return [(m, n)]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class GemmSpec:
+    alpha: float
+    beta: float
+    trans_a: bool
+    trans_b: bool
+    has_c: bool
+    ca: np.ndarray | None  # const inputs
+    cb: np.ndarray | None
+    cc: np.ndarray | None
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     infer(node, in_shapes, consts)
-    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-    ta, tb = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
-    ca, cb = (const_of(node, i, consts) for i in (0, 1))
-    use_c = has_input(node, 2) and beta != 0.0
-    cc = const_of(node, 2, consts) if use_c else None
+    return GemmSpec(float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0)),
+                    bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0)),
+                    has_input(node, 2), *(const_of(node, i, consts) for i in (0, 1)),
+                    const_of(node, 2, consts) if has_input(node, 2) else None)
+
+
+def _build_blas(s: GemmSpec) -> Kernel:
+    alpha, beta, ta, tb, ca, cb = s.alpha, s.beta, s.trans_a, s.trans_b, s.ca, s.cb
+    use_c = s.has_c and beta != 0.0
+    cc = s.cc if use_c else None
     if cc is not None:  # fold beta into the (small) bias once
         cc = (np.asarray(cc, np.float64) * beta).astype(np.float32)
 
@@ -52,4 +74,20 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register("Gemm", infer, prepare)
+def _build_reference(s: GemmSpec) -> Kernel:
+    """The definition in float64, then rounded."""
+    def run(ins, outs, workspace):
+        a, b = (np.asarray(v, np.float64) for v in ins[:2])
+        a, b = a.T if s.trans_a else a, b.T if s.trans_b else b
+        with np.errstate(all="ignore"):
+            y = s.alpha * (a @ b)
+            if s.has_c:
+                y = y + s.beta * np.asarray(ins[2], np.float64)
+            outs[0][...] = y.astype(np.float32)
+    return Kernel(run)
+
+
+register("Gemm", infer, [
+    Variant("gemm.blas", _build_blas),
+    Variant("gemm.reference", _build_reference),
+], analyse=analyse)

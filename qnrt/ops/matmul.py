@@ -1,9 +1,13 @@
-"""MatMul with numpy semantics (batch broadcasting, 1-D operands)."""
+"""MatMul with numpy semantics (batch broadcasting, 1-D operands).
+
+Variants: matmul.blas (numpy's matmul into the output), matmul.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import broadcast_shapes, const_of, fail
 
 
@@ -25,12 +29,22 @@ def infer(node, in_shapes, consts):
     return [out]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class MatMulSpec:
+    ca: np.ndarray | None  # const operands (float32)
+    cb: np.ndarray | None
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     if tuple(out_shapes[0]) != infer(node, in_shapes, consts)[0]:
         fail(node, f"output shape {out_shapes[0]} does not match the inputs")
     ca, cb = (const_of(node, i, consts) for i in (0, 1))
-    ca = None if ca is None else np.asarray(ca, np.float32)
-    cb = None if cb is None else np.asarray(cb, np.float32)
+    return MatMulSpec(None if ca is None else np.asarray(ca, np.float32),
+                      None if cb is None else np.asarray(cb, np.float32))
+
+
+def _build_blas(s: MatMulSpec) -> Kernel:
+    ca, cb = s.ca, s.cb
 
     def run(ins, outs, workspace):
         np.matmul(ca if ca is not None else ins[0], cb if cb is not None else ins[1],
@@ -38,4 +52,16 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register("MatMul", infer, prepare)
+def _build_reference(s: MatMulSpec) -> Kernel:
+    """numpy.matmul's definition (ONNX MatMul's), in float64, then rounded."""
+    def run(ins, outs, workspace):
+        a, b = (np.asarray(v, np.float64) for v in ins[:2])
+        with np.errstate(all="ignore"):
+            outs[0][...] = np.matmul(a, b).astype(np.float32)
+    return Kernel(run)
+
+
+register("MatMul", infer, [
+    Variant("matmul.blas", _build_blas),
+    Variant("matmul.reference", _build_reference),
+], analyse=analyse)

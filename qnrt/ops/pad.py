@@ -3,12 +3,17 @@ edge, wrap. Pads come from a const input (opset 11+, with optional const
 `axes` from opset 18) or the `pads` attr (older, with the `value` attr);
 the constant value from input 2 (const or run time) or the attr.
 Negative pads crop first; the remaining pads then pad the cropped input
-(onnxruntime's semantics)."""
+(onnxruntime's semantics).
+
+Variants: pad.gather6 (a per-axis gather table, at most 6 dims after
+merging), pad.reference (crop, then numpy's pad)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, attr_str, const_of, fail, has_input, int_list, norm_axis, \
     numba_const
 from ._gather import gather6, gather_plan
@@ -86,7 +91,19 @@ def _table(node, axis, n, b, e, mode):
     return np.where(t >= 0, t + cb, -1)
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class PadSpec:
+    x: tuple
+    y: tuple
+    mode: str
+    begin: tuple  # pads per axis, negative: crop
+    end: tuple
+    plan: tuple  # gather_plan: (table, in strides, out shape, lo, hi)
+    value: float | None  # the constant; None: input 2 at run time
+    cx: np.ndarray | None  # const input, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     y = infer(node, in_shapes, consts)[0]
     if tuple(out_shapes[0]) != y:
         fail(node, f"output shape {out_shapes[0]} != {y}")
@@ -94,8 +111,8 @@ def prepare(node, in_shapes, out_shapes, consts):
     mode = _mode(node)
     begin, end = _pads(node, len(x), consts)
     tables = [_table(node, i, n, b, e, mode) for i, (n, b, e) in enumerate(zip(x, begin, end))]
-    tab, xs, shape, lo, hi = gather_plan(node, x, tables)
-    cval, run_time = float(node.attrs.get("value", 0.0)), False
+    plan = gather_plan(node, x, tables)
+    cval = float(node.attrs.get("value", 0.0))
     if has_input(node, 2):
         c = const_of(node, 2, consts)
         if c is not None:
@@ -105,10 +122,15 @@ def prepare(node, in_shapes, out_shapes, consts):
         elif in_shapes[2] is not None and int(np.prod(in_shapes[2])) != 1:
             fail(node, f"constant_value must be a scalar, got shape {in_shapes[2]}")
         else:
-            run_time = True
+            cval = None
     cx = const_of(node, 0, consts)
     cx = numba_const(cx).reshape(-1) if cx is not None else None
-    size = int(np.prod(y))
+    return PadSpec(x, y, mode, tuple(begin), tuple(end), plan, cval, cx)
+
+
+def _build_gather6(s: PadSpec) -> Kernel:
+    (tab, xs, shape, lo, hi), run_time, cval = s.plan, s.value is None, s.value
+    cx, size = s.cx, int(np.prod(s.y))
 
     def run(ins, outs, workspace):
         v = float(ins[2].reshape(-1)[0]) if run_time else cval
@@ -117,4 +139,24 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register("Pad", infer, prepare)
+def _build_reference(s: PadSpec) -> Kernel:
+    """Crop by the negative pads, then numpy's pad by the positive ones (its
+    modes constant, reflect, edge and wrap are ONNX's)."""
+    crop = tuple(slice(max(0, -b), n - max(0, -e)) for n, b, e in zip(s.x, s.begin, s.end))
+    widths = [(max(0, b), max(0, e)) for b, e in zip(s.begin, s.end)]
+
+    def run(ins, outs, workspace):
+        x = np.asarray(ins[0], np.float32).reshape(s.x)[crop]
+        if s.mode == "constant":
+            value = s.value if s.value is not None else np.asarray(ins[2]).reshape(-1)[0]
+            y = np.pad(x, widths, mode="constant", constant_values=np.float32(value))
+        else:
+            y = np.pad(x, widths, mode=s.mode)
+        outs[0][...] = y
+    return Kernel(run)
+
+
+register("Pad", infer, [
+    Variant("pad.gather6", _build_gather6),
+    Variant("pad.reference", _build_reference),
+], analyse=analyse)

@@ -1,11 +1,16 @@
-"""MaxPool and AveragePool over 2-D (NCHW) windows."""
+"""MaxPool and AveragePool over 2-D (NCHW) windows.
+
+Variants: pool.max2x2 (MaxPool 2x2 stride 2 whose windows all lie inside the
+image: one pass per output row), pool.window (any window, tap by tap over
+column ranges), pool.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, fail, njit, valid_range as _valid, window_geometry
-
 
 # A max over a window that lies entirely in the padding: ONNX Runtime (and so
 # qnrt) answers the lowest finite float32, not -inf.
@@ -46,23 +51,47 @@ def _counts(n, out, k, s, d, pb, pe, include_pad):
     return np.maximum(((start >= lo) & (start < hi)).sum(1), 1).astype(np.float32)
 
 
-def prepare(node, in_shapes, out_shapes, consts):
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw), (eh, ew), (oh, ow) = _geometry(node, in_shapes)
+@dataclass(frozen=True, eq=False)
+class PoolSpec:
+    is_max: bool
+    h: int
+    w: int
+    kernel: tuple  # (kh, kw)
+    strides: tuple
+    dilations: tuple
+    begin: tuple  # pads (top, left)
+    end: tuple  # pads (bottom, right)
+    out: tuple  # (oh, ow)
+    include_pad: bool
+    cnt_h: np.ndarray  # AveragePool divisors per output row / column (float32)
+    cnt_w: np.ndarray
+
+
+def analyse(node, in_shapes, out_shapes, consts):
+    kernel, strides, dil, begin, end, out = _geometry(node, in_shapes)
     if tuple(out_shapes[0]) != tuple(infer(node, in_shapes, consts)[0]):
         fail(node, f"output shape {out_shapes[0]} does not match the input")
-    is_max = node.op == "MaxPool"
-    inc = int(node.attrs.get("count_include_pad", 0))
-    h, w = in_shapes[0][2:]
-    cnt_h, cnt_w = _counts(h, oh, kh, sh, dh, ph, eh, inc), _counts(w, ow, kw, sw, dw, pw, ew, inc)
+    inc = bool(int(node.attrs.get("count_include_pad", 0)))
+    h, w = (int(d) for d in in_shapes[0][2:])
+    cnt_h, cnt_w = (_counts(*dim, inc) for dim in zip((h, w), out, kernel, strides, dil, begin,
+                                                       end))
+    return PoolSpec(node.op == "MaxPool", h, w, tuple(kernel), tuple(strides), tuple(dil),
+                    tuple(begin), tuple(end), tuple(out), inc, cnt_h, cnt_w)
 
-    if (is_max and (kh, kw, sh, sw, dh, dw, ph, pw) == (2, 2, 2, 2, 1, 1, 0, 0)
-            and 2 * oh <= h and 2 * ow <= w):  # (ceil_mode may add a partial window)
-        def run(ins, outs, workspace):  # QuickNet's pool: one pass per output row
-            _max2x2(ins[0].reshape(-1, h, w), outs[0].reshape(-1, oh, ow))
-        return Kernel(run)
 
-    def run(ins, outs, workspace):
-        _pool(ins[0], outs[0], kh, kw, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w)
+# --- pool.max2x2 -----------------------------------------------------------------
+
+def _is_max2x2(s: PoolSpec) -> bool:
+    (oh, ow) = s.out
+    return (s.is_max and s.kernel + s.strides + s.dilations + s.begin == (2, 2, 2, 2, 1, 1, 0, 0)
+            and 2 * oh <= s.h and 2 * ow <= s.w)  # (ceil_mode may add a partial window)
+
+
+def _build_max2x2(s: PoolSpec) -> Kernel:
+    h, w, (oh, ow) = s.h, s.w, s.out
+
+    def run(ins, outs, workspace):  # QuickNet's pool: one pass per output row
+        _max2x2(ins[0].reshape(-1, h, w), outs[0].reshape(-1, oh, ow))
     return Kernel(run)
 
 
@@ -74,6 +103,17 @@ def _max2x2(x, y):
             r0, r1, out = x[p, 2 * oh], x[p, 2 * oh + 1], y[p, oh]
             for j in range(y.shape[2]):
                 out[j] = max(max(r0[2 * j], r0[2 * j + 1]), max(r1[2 * j], r1[2 * j + 1]))
+
+
+# --- pool.window -----------------------------------------------------------------
+
+def _build_window(s: PoolSpec) -> Kernel:
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = s.kernel, s.strides, s.dilations, s.begin
+    is_max, cnt_h, cnt_w = s.is_max, s.cnt_h, s.cnt_w
+
+    def run(ins, outs, workspace):
+        _pool(ins[0], outs[0], kh, kw, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w)
+    return Kernel(run)
 
 
 @njit(cache=True)
@@ -110,4 +150,48 @@ def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
                         row[j] /= ch * cnt_w[j]
 
 
-register(["MaxPool", "AveragePool"], infer, prepare)
+# --- pool.reference ----------------------------------------------------------------
+
+def _taps(n, out, k, s, d, pb, pe, include_pad):
+    """Input index (clipped into [0, n)) of each tap of each window along one
+    dim, whether it lies inside the image, and whether it counts for the
+    AveragePool divisor (inside the padded image with count_include_pad)."""
+    pos = np.arange(out)[:, None] * s - pb + np.arange(k)[None, :] * d  # (out, k)
+    inside = (pos >= 0) & (pos < n)
+    counted = (pos >= -pb) & (pos < n + pe) if include_pad else inside
+    return np.clip(pos, 0, n - 1), inside, counted
+
+
+def _build_reference(s: PoolSpec) -> Kernel:
+    """Every window tap by tap: MaxPool takes the max over the taps inside the
+    image (LOWEST for a window with none), AveragePool the sum over them
+    divided by the number of counted taps."""
+    (kh, kw), (oh, ow) = s.kernel, s.out
+    ih, in_h, cnt_h = _taps(s.h, oh, kh, s.strides[0], s.dilations[0], s.begin[0], s.end[0],
+                            s.include_pad)
+    iw, in_w, cnt_w = _taps(s.w, ow, kw, s.strides[1], s.dilations[1], s.begin[1], s.end[1],
+                            s.include_pad)
+
+    def run(ins, outs, workspace):
+        x = np.asarray(ins[0], np.float64)
+        acc = np.full(outs[0].shape, LOWEST if s.is_max else 0, np.float64)
+        count = np.zeros((oh, ow), np.float64)
+        with np.errstate(all="ignore"):
+            for a in range(kh):
+                for b in range(kw):
+                    v = x[:, :, ih[:, a][:, None], iw[:, b][None, :]]
+                    inside = in_h[:, a][:, None] & in_w[:, b][None, :]
+                    if s.is_max:
+                        acc = np.where(inside, np.maximum(acc, v), acc)
+                    else:
+                        acc += np.where(inside, v, 0.0)
+                    count += cnt_h[:, a][:, None] & cnt_w[:, b][None, :]
+            outs[0][...] = acc if s.is_max else acc / np.maximum(count, 1)
+    return Kernel(run)
+
+
+register(["MaxPool", "AveragePool"], infer, [
+    Variant("pool.max2x2", _build_max2x2, _is_max2x2),
+    Variant("pool.window", _build_window),
+    Variant("pool.reference", _build_reference),
+], analyse=analyse)

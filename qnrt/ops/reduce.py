@@ -1,12 +1,17 @@
 """ReduceMean, ReduceMax, ReduceMin, ReduceSum over any set of axes (rank <= 6
 after merging neighbouring axes of the same kind). Axes come from a const
 input (ReduceSum opset 13+, the others opset 18+) or the `axes` attr; with
-no axes every axis is reduced, unless noop_with_empty_axes (then a copy)."""
+no axes every axis is reduced, unless noop_with_empty_axes (then a copy).
+
+Variants: reduce.strided6 (one in-order pass over the input, at most 6
+coalesced dims), reduce.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, c_strides, coalesce, const_of, fail, has_input, int_list, \
     njit, norm_axis, numba_const
 
@@ -41,7 +46,19 @@ def infer(node, in_shapes, consts):
     return [tuple(d for i, d in enumerate(x) if i not in axes)]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class ReduceSpec:
+    op: str
+    x: tuple
+    y: tuple
+    axes: tuple  # sorted; () for a no-op (a copy)
+    shape: np.ndarray  # the input over 6 coalesced dims
+    ystrides: np.ndarray  # the output's element strides along them, 0 = reduced
+    count: int  # elements per reduction (1 for none)
+    cx: np.ndarray | None  # const input, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     y = infer(node, in_shapes, consts)[0]
     if tuple(out_shapes[0]) != y:
         fail(node, f"output shape {out_shapes[0]} != {y}")
@@ -56,9 +73,14 @@ def prepare(node, in_shapes, out_shapes, consts):
         fail(node, f"input {x} with axes {axes} needs more than 6 dims")
     shape, _, ystr = dims
     count = max(1, int(np.prod([x[a] for a in axes])))
-    op, xsize, ysize = OPS[node.op], int(np.prod(x)), int(np.prod(y))
     cx = const_of(node, 0, consts)
     cx = numba_const(cx).reshape(-1) if cx is not None else None
+    return ReduceSpec(node.op, x, y, tuple(axes), shape, ystr, count, cx)
+
+
+def _build_strided6(s: ReduceSpec) -> Kernel:
+    shape, ystr, count, cx = s.shape, s.ystrides, s.count, s.cx
+    op, xsize, ysize = OPS[s.op], int(np.prod(s.x)), int(np.prod(s.y))
 
     def run(ins, outs, workspace):
         src = cx if cx is not None else ins[0].reshape(xsize)
@@ -114,4 +136,28 @@ def _reduce6(x, y, shape, ys, op, count):
             y[i] *= inv
 
 
-register(list(OPS), infer, prepare)
+def _build_reference(s: ReduceSpec) -> Kernel:
+    """numpy's sum (float64), mean (float64), max or min over the axes; a copy
+    when there are none."""
+    def run(ins, outs, workspace):
+        x = np.asarray(ins[0], np.float32).reshape(s.x)
+        if not s.axes:
+            outs[0][...] = x.reshape(s.y)
+            return
+        with np.errstate(all="ignore"):
+            if s.op == "ReduceSum":
+                y = np.sum(x, axis=s.axes, dtype=np.float64)
+            elif s.op == "ReduceMean":
+                y = np.sum(x, axis=s.axes, dtype=np.float64) / s.count
+            elif s.op == "ReduceMax":
+                y = np.max(x, axis=s.axes, initial=-np.inf)
+            else:
+                y = np.min(x, axis=s.axes, initial=np.inf)
+            outs[0][...] = np.asarray(y, np.float32).reshape(s.y)
+    return Kernel(run)
+
+
+register(list(OPS), infer, [
+    Variant("reduce.strided6", _build_strided6),
+    Variant("reduce.reference", _build_reference),
+], analyse=analyse)

@@ -1,11 +1,16 @@
 """Ops whose output is the input's bytes under a new shape: Reshape, Flatten,
 Identity, Dropout (inference), Squeeze, Unsqueeze. The planner normally gives
-input and output one buffer; the kernel copies only when it did not."""
+input and output one buffer.
+
+Variants: reshape.alias (nothing to do when the output shares the input's
+bytes, a copy when it does not), reshape.reference (always a copy)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, const_of, fail, has_input, int_list, norm_axis
 
 
@@ -85,15 +90,25 @@ def infer(node, in_shapes, consts):
     return [tuple(out)]
 
 
+@dataclass(frozen=True, eq=False)
+class ReshapeSpec:
+    y: tuple
+    cx: np.ndarray | None  # const input
+
+
+def analyse(node, in_shapes, out_shapes, consts):
+    y = infer(node, in_shapes, consts)[0]
+    if tuple(out_shapes[0]) != y:
+        fail(node, f"output shape {out_shapes[0]} != {y}")
+    return ReshapeSpec(y, const_of(node, 0, consts))
+
+
 def _data(a):
     return a.__array_interface__["data"][0]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
-    y = infer(node, in_shapes, consts)[0]
-    if tuple(out_shapes[0]) != y:
-        fail(node, f"output shape {out_shapes[0]} != {y}")
-    cx = const_of(node, 0, consts)
+def _build_alias(s: ReshapeSpec) -> Kernel:
+    y, cx = s.y, s.cx
 
     def run(ins, outs, workspace):
         x, out = (cx if cx is not None else ins[0]), outs[0]
@@ -102,5 +117,14 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register(["Reshape", "Flatten", "Identity", "Dropout", "Squeeze", "Unsqueeze"], infer, prepare,
-         alias=True)
+def _build_reference(s: ReshapeSpec) -> Kernel:
+    """The input's elements, in order, under the output's shape."""
+    def run(ins, outs, workspace):
+        outs[0][...] = np.reshape(np.asarray(ins[0], np.float32), s.y)
+    return Kernel(run)
+
+
+register(["Reshape", "Flatten", "Identity", "Dropout", "Squeeze", "Unsqueeze"], infer, [
+    Variant("reshape.alias", _build_alias),
+    Variant("reshape.reference", _build_reference),
+], analyse=analyse, alias=True)

@@ -16,12 +16,19 @@ spec would shift such axes by half a pixel with tf_half_pixel_for_nn).
 
 Not supported (GraphError): cubic, tf_crop_and_resize, antialias when
 shrinking, keep_aspect_ratio_policy other than stretch.
+
+Variants: resize.gather6 (nearest, and every same-shape copy: a per-axis
+gather table), resize.bilinear (linear: 4 neighbours per output pixel),
+resize.reference (one axis at a time, from the same per-axis tables: np.take
+of the nearest indices, or the two linear taps weighted).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_str, const_of, fail, has_input, njit, norm_axis, numba_const
 from ._gather import gather6, gather_plan
 
@@ -175,7 +182,18 @@ def infer(node, in_shapes, consts):
     return [tuple(_geometry(node, tuple(int(d) for d in x), consts)[1])]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class ResizeSpec:
+    x: tuple
+    y: tuple
+    scales: tuple  # float32 per axis
+    gather: bool  # nearest, or a same-shape copy (as in onnxruntime)
+    tables: tuple  # per axis: gather: input index of each output index; linear: (i0, i1, w0, w1)
+    plan: tuple | None  # gather: gather_plan(tables)
+    cx: np.ndarray | None  # const input, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     x = tuple(int(d) for d in in_shapes[0])
     sc, out, mode, coord, nearest = _geometry(node, x, consts)
     y = tuple(out)
@@ -183,20 +201,36 @@ def prepare(node, in_shapes, out_shapes, consts):
         fail(node, f"output shape {out_shapes[0]} != {y}")
     cx = const_of(node, 0, consts)
     cx = numba_const(cx).reshape(-1) if cx is not None else None
-    size, xsize = int(np.prod(y)), int(np.prod(x))
-    if mode == "nearest" or y == x:  # (same shape: a copy, as in onnxruntime)
+    gather = mode == "nearest" or y == x  # (same shape: a copy, as in onnxruntime)
+    if gather:
         tables = [_nearest_table(n, o, s if y != x else F(1), coord, nearest)
                   for n, o, s in zip(x, out, sc)]
-        tab, xs, shape, lo, hi = gather_plan(node, x, tables)
+        plan = gather_plan(node, x, tables)
+    else:
+        tables, plan = [_linear_table(n, o, s, coord) for n, o, s in zip(x, out, sc)], None
+    return ResizeSpec(x, y, tuple(sc), gather, tuple(tables), plan, cx)
 
-        def run(ins, outs, workspace):
-            gather6(cx if cx is not None else ins[0].reshape(xsize), xs, tab,
-                    outs[0].reshape(size), shape, 0.0, lo, hi)
-        return Kernel(run)
+
+# --- resize.gather6 ----------------------------------------------------------------
+
+def _build_gather6(s: ResizeSpec) -> Kernel:
+    (tab, xs, shape, lo, hi), cx = s.plan, s.cx
+    size, xsize = int(np.prod(s.y)), int(np.prod(s.x))
+
+    def run(ins, outs, workspace):
+        gather6(cx if cx is not None else ins[0].reshape(xsize), xs, tab,
+                outs[0].reshape(size), shape, 0.0, lo, hi)
+    return Kernel(run)
+
+
+# --- resize.bilinear ---------------------------------------------------------------
+
+def _build_bilinear(s: ResizeSpec) -> Kernel:
+    x, out, cx = s.x, s.y, s.cx
+    xsize = int(np.prod(x))
     h, w, oh, ow = x[-2], x[-1], out[-2], out[-1]
     planes = int(np.prod(x[:-2]))
-    ry = _linear_table(h, oh, sc[-2], coord)
-    rx = _linear_table(w, ow, sc[-1], coord)
+    ry, rx = s.tables[-2], s.tables[-1]
 
     def run(ins, outs, workspace):
         src = cx if cx is not None else ins[0].reshape(xsize)
@@ -207,7 +241,7 @@ def prepare(node, in_shapes, out_shapes, consts):
 @njit(cache=True)
 def _bilinear(x, y, y0, y1, wy0, wy1, x0, x1, wx0, wx1):
     """y[p, i, j] = sum of the 4 neighbours x[p, y0|y1[i], x0|x1[j]] weighted
-    by wy * wx (tables validated in prepare: indices inside x)."""
+    by wy * wx (the tables analyse built: indices inside x)."""
     for p in range(x.shape[0]):
         xp, yp = x[p], y[p]
         for i in range(y.shape[1]):
@@ -217,4 +251,30 @@ def _bilinear(x, y, y0, y1, wy0, wy1, x0, x1, wx0, wx1):
                 row[j] = a * (c * r0[u] + d * r0[v]) + b * (c * r1[u] + d * r1[v])
 
 
-register(["Resize", "Upsample"], infer, prepare)
+# --- resize.reference ------------------------------------------------------------------
+
+def _build_reference(s: ResizeSpec) -> Kernel:
+    """One axis at a time: nearest takes each output's source index, linear
+    weights its two source taps (separable, so n-linear); an axis that keeps
+    its size with scale 1 is copied."""
+    def run(ins, outs, workspace):
+        v = np.asarray(ins[0], np.float32).reshape(s.x)
+        for axis, (t, n, o, sc) in enumerate(zip(s.tables, s.x, s.y, s.scales)):
+            if s.gather:
+                v = np.take(v, t, axis=axis)
+            elif not (sc == 1 and n == o):
+                i0, i1, w0, w1 = t
+                shape = [1] * v.ndim
+                shape[axis] = -1
+                with np.errstate(all="ignore"):
+                    v = (w0.reshape(shape) * np.take(v, i0, axis=axis)
+                         + w1.reshape(shape) * np.take(v, i1, axis=axis))
+        outs[0][...] = v
+    return Kernel(run)
+
+
+register(["Resize", "Upsample"], infer, [
+    Variant("resize.gather6", _build_gather6, lambda s: s.gather),
+    Variant("resize.bilinear", _build_bilinear, lambda s: not s.gather),
+    Variant("resize.reference", _build_reference),
+], analyse=analyse)

@@ -2,12 +2,17 @@
 the starts/ends/axes attrs (older). Negative indices count from the end,
 out-of-range ones are clamped, steps may be negative (ONNX rules). An end
 of INT32_MAX or INT64_MAX means "to the end" in the step's direction, as in
-onnxruntime (so x[::-1] may be spelled start -1, end INT_MAX, step -1)."""
+onnxruntime (so x[::-1] may be spelled start -1, end INT_MAX, step -1).
+
+Variants: slice.empty (an empty output: nothing to copy), slice.strided6 (a
+strided copy over at most 6 coalesced dims), slice.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, c_strides, coalesce, const_of, fail, has_input, int_list, njit, \
     norm_axis, numba_const
 
@@ -63,15 +68,30 @@ def infer(node, in_shapes, consts):
     return [tuple(n for _, _, n in _plan(node, x, consts))]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class SliceSpec:
+    x: tuple
+    y: tuple
+    plan: tuple  # (start, step, count) per axis
+    offset: int  # strided6: the first element read
+    dims: tuple | None  # strided6: (shape, input strides) over 6 coalesced dims; None if empty
+    cx: np.ndarray | None  # const input, flat
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.y))
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     y = infer(node, in_shapes, consts)[0]
     if tuple(out_shapes[0]) != y:
         fail(node, f"output shape {out_shapes[0]} != {y}")
     x = tuple(int(d) for d in in_shapes[0])
     plan = _plan(node, x, consts)
-    size, xsize = int(np.prod(y)), int(np.prod(x))
-    if not size:
-        return Kernel(lambda ins, outs, workspace: None)
+    cx = const_of(node, 0, consts)
+    cx = numba_const(cx).reshape(-1) if cx is not None else None
+    if not int(np.prod(y)):
+        return SliceSpec(x, y, tuple(plan), 0, None, cx)
     xs = c_strides(x)
     off = sum(s * st for (s, _, _), st in zip(plan, xs))
     steps = [p[1] * st for p, st in zip(plan, xs)]
@@ -82,10 +102,22 @@ def prepare(node, in_shapes, out_shapes, consts):
     # what the kernel will index: the extremes of off + i.ss
     lo = off + sum((int(n) - 1) * int(s) for n, s in zip(shape, ss) if s < 0)
     hi = off + sum((int(n) - 1) * int(s) for n, s in zip(shape, ss) if s > 0)
-    if not 0 <= lo <= hi < xsize:
+    if not 0 <= lo <= hi < int(np.prod(x)):
         fail(node, f"internal: slice of {x} reads outside the input")
-    cx = const_of(node, 0, consts)
-    cx = numba_const(cx).reshape(-1) if cx is not None else None
+    return SliceSpec(x, y, tuple(plan), off, (shape, ss), cx)
+
+
+# --- slice.empty -------------------------------------------------------------------
+
+def _build_empty(s: SliceSpec) -> Kernel:
+    return Kernel(lambda ins, outs, workspace: None)
+
+
+# --- slice.strided6 ------------------------------------------------------------------
+
+def _build_strided6(s: SliceSpec) -> Kernel:
+    (shape, ss), off, cx = s.dims, s.offset, s.cx
+    size, xsize = s.size, int(np.prod(s.x))
 
     def run(ins, outs, workspace):
         _slice6(cx if cx is not None else ins[0].reshape(xsize), off, ss, outs[0].reshape(size),
@@ -117,4 +149,20 @@ def _slice6(x, off, xs, y, shape):
                         o += n5
 
 
-register("Slice", infer, prepare)
+# --- slice.reference -------------------------------------------------------------------
+
+def _build_reference(s: SliceSpec) -> Kernel:
+    """Along each axis, the elements start, start + step, ... (count of them)."""
+    def run(ins, outs, workspace):
+        v = np.asarray(ins[0], np.float32).reshape(s.x)
+        for axis, (start, step, count) in enumerate(s.plan):
+            v = np.take(v, start + step * np.arange(count), axis=axis)
+        outs[0][...] = v
+    return Kernel(run)
+
+
+register("Slice", infer, [
+    Variant("slice.empty", _build_empty, lambda s: s.size == 0),
+    Variant("slice.strided6", _build_strided6, lambda s: s.size > 0),
+    Variant("slice.reference", _build_reference),
+], analyse=analyse)

@@ -1,12 +1,16 @@
 """Split along one axis (negative allowed) into copies: sizes from a const
 input (opset 13+) or the `split` attr (older); else `num_outputs` chunks of
 ceil(dim / num_outputs) with a smaller last one (opset 18), else equal parts,
-one per output."""
+one per output.
+
+Variants: split.copy6 (one strided copy per output), split.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, coalesce, const_of, copy6, fail, has_input, int_list, \
     norm_axis, numba_const
 
@@ -47,7 +51,17 @@ def infer(node, in_shapes, consts):
     return [x[:axis] + (s,) + x[axis + 1:] for s in sizes]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class SplitSpec:
+    x: tuple
+    axis: int
+    sizes: tuple
+    wanted: tuple  # per output: named (an omitted output is not written)
+    parts: tuple  # per non-empty wanted output: (index, offset, shape, src, dst strides, size)
+    cx: np.ndarray | None  # const input, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     ys = infer(node, in_shapes, consts)
     if [tuple(s) for s in out_shapes] != ys:
         fail(node, f"output shapes {out_shapes} != {ys}")
@@ -55,7 +69,7 @@ def prepare(node, in_shapes, out_shapes, consts):
     axis, sizes = _sizes(node, x, consts)
     outer, inner = int(np.prod(x[:axis])), int(np.prod(x[axis + 1:]))
     row = x[axis] * inner  # input elements per outer index
-    parts, off = [], 0  # (output index, offset, shape, src strides, dst strides, size)
+    parts, off = [], 0
     for i, s in enumerate(sizes):
         width = s * inner
         if width and outer and node.outputs[i]:
@@ -64,7 +78,12 @@ def prepare(node, in_shapes, out_shapes, consts):
         off += width
     cx = const_of(node, 0, consts)
     cx = numba_const(cx).reshape(-1) if cx is not None else None
-    size = int(np.prod(x))
+    return SplitSpec(x, axis, tuple(sizes), tuple(bool(o) for o in node.outputs), tuple(parts),
+                     cx)
+
+
+def _build_copy6(s: SplitSpec) -> Kernel:
+    parts, cx, size = s.parts, s.cx, int(np.prod(s.x))
 
     def run(ins, outs, workspace):
         src = cx if cx is not None else ins[0].reshape(size)
@@ -73,4 +92,19 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register("Split", infer, prepare)
+def _build_reference(s: SplitSpec) -> Kernel:
+    """numpy's split at the cumulative sizes along the axis."""
+    cuts = np.cumsum(s.sizes)[:-1]
+
+    def run(ins, outs, workspace):
+        pieces = np.split(np.asarray(ins[0], np.float32).reshape(s.x), cuts, axis=s.axis)
+        for out, piece, wanted in zip(outs, pieces, s.wanted):
+            if wanted:
+                out[...] = piece
+    return Kernel(run)
+
+
+register("Split", infer, [
+    Variant("split.copy6", _build_copy6),
+    Variant("split.reference", _build_reference),
+], analyse=analyse)

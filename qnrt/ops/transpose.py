@@ -1,9 +1,14 @@
-"""Transpose (perm; default reverses the dims) as one strided copy."""
+"""Transpose (perm; default reverses the dims).
+
+Variants: transpose.copy6 (one strided copy over at most 6 coalesced dims),
+transpose.reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, register
+from . import Kernel, Variant, register
 from ._common import attr_ints, c_strides, coalesce, const_of, copy6, fail, numba_const
 
 
@@ -21,7 +26,15 @@ def infer(node, in_shapes, consts):
     return [tuple(x[p] for p in _perm(node, len(x)))]
 
 
-def prepare(node, in_shapes, out_shapes, consts):
+@dataclass(frozen=True, eq=False)
+class TransposeSpec:
+    x: tuple
+    perm: tuple
+    dims: tuple  # (shape, src strides, dst strides) over 6 coalesced dims
+    cx: np.ndarray | None  # const input, flat
+
+
+def analyse(node, in_shapes, out_shapes, consts):
     x = tuple(in_shapes[0])
     perm = _perm(node, len(x))
     y = tuple(x[p] for p in perm)
@@ -29,10 +42,13 @@ def prepare(node, in_shapes, out_shapes, consts):
     dims = coalesce(y, [src[p] for p in perm], c_strides(y))
     if dims is None:
         fail(node, f"transpose {x} by {perm} needs more than 6 dims")
-    shape, ss, ds = dims
     cx = const_of(node, 0, consts)
     cx = numba_const(cx).reshape(-1) if cx is not None else None
-    size = int(np.prod(x))
+    return TransposeSpec(x, tuple(perm), tuple(dims), cx)
+
+
+def _build_copy6(s: TransposeSpec) -> Kernel:
+    (shape, ss, ds), cx, size = s.dims, s.cx, int(np.prod(s.x))
 
     def run(ins, outs, workspace):
         xs = cx if cx is not None else ins[0].reshape(size)
@@ -40,4 +56,14 @@ def prepare(node, in_shapes, out_shapes, consts):
     return Kernel(run)
 
 
-register("Transpose", infer, prepare)
+def _build_reference(s: TransposeSpec) -> Kernel:
+    """numpy's transpose by perm."""
+    def run(ins, outs, workspace):
+        outs[0][...] = np.transpose(np.asarray(ins[0], np.float32).reshape(s.x), s.perm)
+    return Kernel(run)
+
+
+register("Transpose", infer, [
+    Variant("transpose.copy6", _build_copy6),
+    Variant("transpose.reference", _build_reference),
+], analyse=analyse)

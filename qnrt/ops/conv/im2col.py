@@ -1,0 +1,81 @@
+"""conv.im2col: any group, window, stride, pad and dilation. im2col over
+tiles of output columns in the workspace, one matmul per group and tile,
+then the epilogue on the tile while it is in cache."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import Kernel
+from .._common import epilogue, njit
+from .._common import valid_range as _valid
+
+FLOAT = np.dtype(np.float32).itemsize
+WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
+MIN_TILE = 64  # columns; BLAS gets inefficient below this
+
+
+def tile_columns(rows: int, columns: int) -> int:
+    """Output columns per tile for an im2col of `rows` rows (also ConvTranspose's)."""
+    return min(columns, max(MIN_TILE, WORKSPACE_BUDGET // (FLOAT * rows)))
+
+
+def build_im2col(spec) -> Kernel:
+    g, epi = spec.geometry, spec.epilogue
+    n, cout, group, kh, kw, ow = g.n, g.cout, g.group, g.kh, g.kw, g.ow
+    (sh, sw), (dh, dw), (ph, pw) = g.strides, g.dilations, g.pads_begin
+    cg, mg, kk, ohw = g.cg, cout // group, g.cg * kh * kw, g.ohw
+    tile = tile_columns(kk, ohw)
+    wg = spec.weights.reshape(group, mg, kk) if spec.has_const_weights else None
+    kind, a, b, active = epi.code, epi.a, epi.b, epi.active
+
+    def run(ins, outs, workspace):
+        x, y3 = ins[0], outs[0].reshape(n, cout, ohw)
+        wm = wg if wg is not None else ins[1].reshape(group, mg, kk)
+        bias, slope = epi.operands(ins)
+        cols = workspace[:FLOAT * kk * tile].view(np.float32)
+        for i in range(n):
+            for t0 in range(0, ohw, tile):
+                t = min(tile, ohw - t0)
+                col = cols[:kk * t].reshape(kk, t)
+                for gi in range(group):
+                    _im2col(x, i, gi * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, t0, col)
+                    np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
+                if active:
+                    epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
+    return Kernel(run, workspace=FLOAT * kk * tile)
+
+
+@njit(cache=True)
+def _im2col(x, n, c0, cg, kh_, kw_, sh, sw, ph, pw, dh, dw, ow_, t0, col):
+    """col[k, t] = padded x[n, c0 + ci, ih, iw] for output columns t0 .. t0+T,
+    k = (ci, kh, kw) in weight order."""
+    h, wd = x.shape[2], x.shape[3]
+    t_ = col.shape[1]
+    k = 0
+    for ci in range(cg):
+        xc = x[n, c0 + ci]
+        for kh in range(kh_):
+            for kw in range(kw_):
+                crow, off = col[k], kw * dw - pw
+                oh, o0, t = t0 // ow_, t0 % ow_, 0
+                while t < t_:  # one output-row segment at a time
+                    seg = min(ow_ - o0, t_ - t)
+                    dst = crow[t:t + seg]
+                    ih = oh * sh - ph + kh * dh
+                    if ih < 0 or ih >= h:
+                        dst[:] = 0
+                    else:
+                        lo, hi = _valid(o0 * sw + off, sw, seg, wd)
+                        dst[:lo] = 0
+                        dst[hi:] = 0
+                        d, src = dst[lo:hi], xc[ih, (o0 + lo) * sw + off:]
+                        if sw == 1:
+                            for j in range(hi - lo):
+                                d[j] = src[j]
+                        else:
+                            for j in range(hi - lo):
+                                d[j] = src[j * sw]
+                    t += seg
+                    oh += 1
+                    o0 = 0
+                k += 1
