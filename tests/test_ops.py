@@ -670,3 +670,20 @@ def test_op_module_table_matches_registrations():
             where = REGISTRY[op].reference.build.__module__
             assert where == f"qnrt.ops.{module}" or where.startswith(f"qnrt.ops.{module}."), op
     assert sorted(REGISTRY) == sorted(op for ops in OP_MODULES.values() for op in ops)
+
+
+@pytest.mark.parametrize("op, names", [("Div", ["a", "b"]), ("Reciprocal", ["b"]),
+                                       ("Pow", ["b", "e"])])
+def test_division_by_zero_gives_ieee_inf_and_nan(op, names):
+    """x / 0 is inf, -inf or NaN in every variant, as in NumPy and ONNX Runtime
+    (not a ZeroDivisionError from inside a kernel)."""
+    values = {"a": np.array([1, -1, 0, 2], np.float32), "b": np.array([0, 0, 0, 1], np.float32)}
+    inputs = {k: values[k] for k in names if k in values}
+    consts = {"e": np.array(-1, np.float32)} if op == "Pow" else None
+    with np.errstate(all="ignore"):
+        want = {"Div": values["a"] / values["b"], "Reciprocal": 1 / values["b"],
+                "Pow": values["b"] ** np.float32(-1)}[op]
+    results = run_variants(op, inputs, consts, names=names)
+    assert len(results) >= 2
+    for name, (got,) in results.items():
+        np.testing.assert_array_equal(got, want, err_msg=name)

@@ -68,7 +68,7 @@ def ort_run(model, feeds):
 
 
 def check_model(path, name, feeds=None, expected=None, input_shape=None, shapes=None,
-                seed=0, tmp=None) -> list[dict]:
+                seed=0, tmp=None, kernels="auto") -> list[dict]:
     """Rows for one model: one per output (or one ERROR row)."""
     import onnx
 
@@ -83,7 +83,7 @@ def check_model(path, name, feeds=None, expected=None, input_shape=None, shapes=
         names, refs = ort_run(model, feeds)
         dst = os.path.join(tmp, f"{os.path.basename(path)}.qnb")
         summary = convert(path, dst, input_shape=input_shape)
-        sess = Session(dst)
+        sess = Session(dst, kernels=kernels)
         row["after"] = len(sess.graph.nodes)
         row["cleanup"] = summary.get("cleanup", {})
         ours = sess.run(names, feeds)
@@ -154,6 +154,8 @@ def main(argv=None) -> int:
                         help="shape of an input with dynamic dims (no NAME: the first input); "
                              "the first input's shape is also given to the converter")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernels", choices=["auto", "reference"], default="auto",
+                        help="run qnrt's fastest kernel variants (auto) or every op's reference")
     args = parser.parse_args(argv)
     if not args.models and not args.self_test:
         parser.error("give ONNX files and/or --self-test")
@@ -166,7 +168,8 @@ def main(argv=None) -> int:
         for path in args.models:
             try:
                 rows += check_model(path, os.path.basename(path), input_shape=first_shape,
-                                    shapes=shapes, seed=args.seed, tmp=tmp)
+                                    shapes=shapes, seed=args.seed, tmp=tmp,
+                                    kernels=args.kernels)
             except Exception as exc:  # one unreadable model must not hide the others
                 print(f"conformance: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 rows.append({"model": os.path.basename(path), "opset": "-", "before": "-",
@@ -176,13 +179,14 @@ def main(argv=None) -> int:
                 path = os.path.join(tmp, f"{case.name}-opset{case.opset}.onnx")
                 onnx.save(case.model, path)
                 rows += check_model(path, case.name, feeds=case.feeds, expected=case.expected,
-                                    tmp=tmp)
+                                    tmp=tmp, kernels=args.kernels)
     print_table(rows)
     failed = sum(not r["ok"] for r in rows)
     models = len({(r["model"], r["opset"], r["before"]) for r in rows})
     print(f"\n{models} models, {len(rows)} outputs: "
           + (f"{failed} FAILED" if failed else "all PASS")
-          + f" (tolerance {TOLERANCE:g} x max(1, max|onnxruntime output|))")
+          + f" (tolerance {TOLERANCE:g} x max(1, max|onnxruntime output|); "
+          + f"{args.kernels} kernels)")
     return 1 if failed else 0
 
 

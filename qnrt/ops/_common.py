@@ -18,13 +18,17 @@ import numpy as np
 from ..graph import GraphError
 from . import ACTIVATIONS
 
-JIT = dict(cache=True, nogil=True, fastmath=False)
+# error_model="numpy": a float x / 0 gives inf or NaN, as IEEE, ONNX Runtime and
+# NumPy do (Numba's default raises ZeroDivisionError inside the kernel).
+JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 
 
 def njit(**options):
     """numba.njit with qnrt's settings: cache=True (a device compiles each kernel
-    once, not at every start), nogil, and exact IEEE float semantics."""
+    once, not at every start), nogil, IEEE float semantics (error_model numpy)."""
     return numba.njit(**{**JIT, **options})
+
+
 MAX_RANK = 6
 
 
