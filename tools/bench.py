@@ -59,8 +59,8 @@ def rss():
 engine, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if engine == "qnrt":  # the engine's import is not the model's cost: import first
     import qnrt.session as eng
-    from qnrt.ops import supported_ops
-    supported_ops()  # imports numba and every kernel module (compiled code loads on first use)
+    from qnrt.ops import all_variants
+    all_variants()  # imports numba and every kernel module (compiled code loads on first use)
     base = rss(); s = eng.Session(path)
 else:
     import onnxruntime as eng
@@ -118,19 +118,14 @@ INT8_SHAPE = (1, 3, 32, 32)  # the shape also timed with Session(weights="int8")
 
 
 def skinny_weight_bytes(session, shape) -> tuple[int, int]:
-    """Weight bytes the skinny pointwise layers (at most SKINNY_COLS columns,
-    SKINNY_MIN_WEIGHTS weights) of an int8-weights session read per run: as
+    """Weight bytes the int8 layers that run on conv.pointwise.skinny (the
+    kernel that reads int8 itself) of an int8-weights session read per run: as
     float32 and as int8."""
-    from qnrt.ops.conv.pointwise import SKINNY_COLS, SKINNY_MIN_WEIGHTS
-
     program = session.prepare({session.get_inputs()[0].name: shape})
     n = 0
-    for node in session.graph.nodes:
-        if node.attrs.get("weights_int8"):
-            xs = program.shapes[node.inputs[0]]
-            q = session.graph.initializers[node.inputs[1]]
-            if xs[0] * xs[2] * xs[3] <= SKINNY_COLS and q.size >= SKINNY_MIN_WEIGHTS:
-                n += q.size
+    for node, step in zip(session.graph.nodes, program.steps):
+        if node.attrs.get("weights_int8") and step.kernel.name == "conv.pointwise.skinny":
+            n += session.graph.initializers[node.inputs[1]].size
     return 4 * n, n
 
 
