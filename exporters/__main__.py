@@ -1,10 +1,10 @@
-"""python -m exporters: QuickNet from its neutral description to ONNX and .qnb,
+"""python -m qnrt.exporters: QuickNet from its neutral description to ONNX and .qnb,
 or any supported model file to .qnb.
 
-  python -m exporters quicknet --qnb quicknet.qnb --onnx quicknet.onnx
-  python -m exporters quicknet --weights trained.npz --labels labels.txt --qnb q.qnb \
+  python -m qnrt.exporters quicknet --qnb quicknet.qnb --onnx quicknet.onnx
+  python -m qnrt.exporters quicknet --weights trained.npz --labels labels.txt --qnb q.qnb \
       --preprocess mean=0.5,0.5,0.5 --preprocess std=0.5,0.5,0.5
-  python -m exporters convert model.onnx model.qnb --input-shape 1,3,32,32
+  python -m qnrt.exporters convert model.onnx model.qnb --input-shape 1,3,32,32
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qnrt.cli import _shape
 
 
 def cmd_quicknet(args) -> int:
-    from models import quicknet
+    from qnrt.models import quicknet
     from qnrt import format as qnb
 
     from .convert import finalize, parse_preprocess, read_labels
@@ -53,7 +53,7 @@ def cmd_convert(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m qnrt.exporters", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (OSError, FormatError, GraphError, ValueError) as exc:
-        print(f"exporters: error: {exc}", file=sys.stderr)
+        print(f"qnrt.exporters: error: {exc}", file=sys.stderr)
         return 1
 
 

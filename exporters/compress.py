@@ -16,7 +16,7 @@ plain float32 array holding the dequantized weights (so accuracy can be
 measured directly); qnrt.format.attach_encoding() puts its payload on the Graph, and
 qnrt.format.save() writes that payload instead of the raw floats.
 
-    python -m exporters.compress SRC.qnb DST.qnb [--bits N] [--min-size N] [--prune F]
+    python -m qnrt.exporters.compress SRC.qnb DST.qnb [--bits N] [--min-size N] [--prune F]
 
 Imports only numpy (and qnrt.format / qnrt.graph).
 """
@@ -438,7 +438,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporters.compress",
+    parser = argparse.ArgumentParser(prog="python -m qnrt.exporters.compress",
                                      description="Deep Compression of a .qnb file's weights "
                                      "(k-means weight sharing + Huffman coding; zeros are "
                                      "pruned positions)")

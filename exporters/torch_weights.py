@@ -51,7 +51,7 @@ import re
 
 import numpy as np
 
-from models.quicknet import LAYERS, build, layer_plan, weight_shapes
+from qnrt.models.quicknet import LAYERS, build, layer_plan, weight_shapes
 
 __all__ = ["read_state_dict", "read_safetensors", "read_torch", "quicknet_from_state_dict",
            "load_quicknet", "TorchNotInstalled", "TORCH_EXTENSIONS", "EXTENSIONS"]

@@ -1,6 +1,17 @@
 """qnrt: run QuickNet-style CNNs from .qnb files with Numba kernels and one
 statically planned activation arena. Imports only numpy, numba and pillow."""
+import os as _os
+
 from .graph import Graph, GraphError, Node, ValueInfo
+
+# Installed, exporters/ and models/ are the subpackages qnrt.exporters and
+# qnrt.models (pyproject's package-dir). A source checkout run without
+# installing keeps them beside qnrt/: let the same names resolve there.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(__path__[0], "exporters"))
+        and _os.path.isfile(_os.path.join(_root, "exporters", "__init__.py"))
+        and _os.path.isfile(_os.path.join(_root, "pyproject.toml"))):
+    __path__.append(_root)
 
 __version__ = "0.1.0"
 __all__ = ["Session", "Graph", "GraphError", "Node", "ValueInfo", "__version__"]

@@ -171,7 +171,7 @@ def cmd_info(args) -> int:
 
 def cmd_convert(args) -> int:
     try:
-        from exporters.convert import convert
+        from qnrt.exporters.convert import convert
     except ImportError as exc:
         raise CliError(f"qnrt convert needs the exporter extras ({exc}); "
                        "install them with: pip install 'qnrt[export]'") from None
@@ -183,7 +183,7 @@ def cmd_convert(args) -> int:
 
 def cmd_compress(args) -> int:
     try:
-        from exporters.compress import compress_file
+        from qnrt.exporters.compress import compress_file
     except ImportError as exc:
         raise CliError(f"qnrt compress needs the exporters package ({exc})") from None
     compress_file(args.input, args.output, bits=args.bits, prune=args.prune,

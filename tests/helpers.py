@@ -44,7 +44,7 @@ def ort_run(graph_or_model, feed: dict, outputs=None) -> list[np.ndarray]:
     if isinstance(graph_or_model, onnx.ModelProto):
         model = graph_or_model
     else:
-        from exporters.onnx_export import to_onnx
+        from qnrt.exporters.onnx_export import to_onnx
         model = to_onnx(graph_or_model)
     return ort_session(model).run(outputs, feed)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import quicknet
+from qnrt.models import quicknet
 from qnrt import Session, format as qnb
 from qnrt.cli import main as qnrt_main
 

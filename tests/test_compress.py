@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qnrt
-from exporters import compress as C
-from models import quicknet
+from qnrt.exporters import compress as C
+from qnrt.models import quicknet
 from qnrt import codec
 from qnrt import format as qnb
 from qnrt.format import FormatError
@@ -461,7 +461,7 @@ def test_fuzz_compressed_payload(small, tmp_path_factory, data):
 BOUNDSCHECK = r"""
 import numpy as np, sys
 from qnrt import codec
-from exporters import compress as C
+from qnrt.exporters import compress as C
 rng = np.random.default_rng(0)
 w = C.prune_magnitude(rng.standard_normal(3000).astype(np.float32), 0.6)
 payloads = [C.encode_tensor(w, b)[1] for b in (1, 5, 8)]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import quicknet
+from qnrt.models import quicknet
 from qnrt import format as qnb
 from qnrt.format import FormatError
 from qnrt.graph import Graph, Node, ValueInfo

@@ -61,7 +61,7 @@ def _dequantized(graph):
 
 @pytest.fixture(scope="module")
 def quicknet_int8():
-    from models import quicknet
+    from qnrt.models import quicknet
     graph = optimize(quicknet.build(input_size=None))
     qgraph = quantize_pointwise_int8(graph.copy())
     n = sum(1 for nd in qgraph.nodes if nd.attrs.get("weights_int8"))
@@ -95,6 +95,6 @@ def test_int8_rewrite_is_idempotent_and_default_unchanged(quicknet_int8):
 
 
 def test_bad_weights_value():
-    from models import quicknet
+    from qnrt.models import quicknet
     with pytest.raises(ValueError, match="weights"):
         qnrt.Session(quicknet.build(width=0.125), weights="int4")

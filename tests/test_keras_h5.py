@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_close
-from exporters.keras_h5 import from_h5
+from qnrt.exporters.keras_h5 import from_h5
 from qnrt import Session
 from qnrt.graph import GraphError
 
@@ -936,7 +936,7 @@ def test_model_without_input_shape_needs_one(tmp_path):
 
 
 def test_convert_h5_to_qnb_end_to_end(tmp_path):
-    from exporters.convert import convert
+    from qnrt.exporters.convert import convert
 
     x = images((2, 16, 16, 3), seed=11)
     config, layers, ref = quicknet_like(x)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, ort_run
-from models import quicknet
+from qnrt.models import quicknet
 from qnrt import GraphError, Session
 from qnrt.ops import REGISTRY, all_variants
 

@@ -22,9 +22,9 @@ import helpers
 from helpers import ort_session
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters import from_onnx, to_onnx
-from exporters.cleanup import summary
-from exporters.convert import convert
+from qnrt.exporters import from_onnx, to_onnx
+from qnrt.exporters.cleanup import summary
+from qnrt.exporters.convert import convert
 from qnrt import Session
 from qnrt.graph import GraphError
 
@@ -449,7 +449,7 @@ def test_torch_export_converts_with_dynamic_batch(opset, constant_folding, tmp_p
 
 
 def test_cleanup_is_idempotent():
-    from exporters.cleanup import cleanup
+    from qnrt.exporters.cleanup import cleanup
 
     for make in HAND_BUILT:
         graph = from_onnx(make(17).model, cleanup=True)

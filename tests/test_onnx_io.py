@@ -15,8 +15,8 @@ import helpers
 from helpers import ort_session
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters import from_onnx, save_onnx, to_onnx
-from models import quicknet
+from qnrt.exporters import from_onnx, save_onnx, to_onnx
+from qnrt.models import quicknet
 from qnrt.graph import Graph, GraphError, Node, ValueInfo
 
 

@@ -432,7 +432,7 @@ def test_reduce_larger():
 # --- through qnrt.Session --------------------------------------------------------------
 
 def test_session_pad_conv_resize_concat_reduce():
-    from exporters.onnx_export import to_onnx
+    from qnrt.exporters.onnx_export import to_onnx
     from qnrt import Session
 
     rng = np.random.default_rng(5)
@@ -463,7 +463,7 @@ def test_session_pad_conv_resize_concat_reduce():
 
 def test_session_conv_transpose_split_reduce():
     """Multi-output Split and in-place unary ops through the planner."""
-    from exporters.onnx_export import to_onnx
+    from qnrt.exporters.onnx_export import to_onnx
     from qnrt import Session
 
     rng = np.random.default_rng(6)

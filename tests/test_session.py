@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, ort_run
-from models import quicknet
+from qnrt.models import quicknet
 from qnrt import Session, format as qnb
 from qnrt.graph import GraphError, Node, ValueInfo
 from qnrt.session import InvalidArgument

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import qnrt  # noqa: E402
-from exporters.torch_weights import (TorchNotInstalled, quicknet_from_state_dict,  # noqa: E402
+from qnrt.exporters.torch_weights import (TorchNotInstalled, quicknet_from_state_dict,  # noqa: E402
                                      read_state_dict)
 from qnrt.cli import main as cli  # noqa: E402
 

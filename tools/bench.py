@@ -92,8 +92,8 @@ def blas_info() -> str:
 
 
 def build_models(tmp: str, weights: str | None) -> tuple[str, str]:
-    from exporters.onnx_export import save_onnx
-    from models import quicknet
+    from qnrt.exporters.onnx_export import save_onnx
+    from qnrt.models import quicknet
     from qnrt import format as qnb
     from qnrt.rewrite import optimize
 

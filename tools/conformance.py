@@ -72,7 +72,7 @@ def check_model(path, name, feeds=None, expected=None, input_shape=None, shapes=
     """Rows for one model: one per output (or one ERROR row)."""
     import onnx
 
-    from exporters.convert import convert
+    from qnrt.exporters.convert import convert
     from qnrt import Session
 
     model = onnx.load(path)

@@ -84,7 +84,7 @@ def evaluate(path: str, data_dir: str | None = None) -> dict:
 
     import onnxruntime as ort
 
-    from exporters.onnx_export import to_onnx
+    from qnrt.exporters.onnx_export import to_onnx
     from qnrt import Session
 
     session = Session(path)

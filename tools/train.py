@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from models.quicknet import BN_EPSILON, layer_plan, weight_shapes  # noqa: E402
+from qnrt.models.quicknet import BN_EPSILON, layer_plan, weight_shapes  # noqa: E402
 
 
 def _load_datasets():
@@ -390,7 +390,7 @@ def export(neutral: dict[str, np.ndarray], *, width: float, labels: list[str], d
     """Build the IR graph from neutral weights, attach metadata, write .qnb / .onnx.
 
     The writers are imported here, lazily, so training works without them."""
-    from models.quicknet import build
+    from qnrt.models.quicknet import build
 
     graph = build(neutral, width=width, num_classes=len(labels), labels=list(labels),
                   input_size=None)  # fully convolutional: any H, W
@@ -404,11 +404,11 @@ def export(neutral: dict[str, np.ndarray], *, width: float, labels: list[str], d
     graph.metadata.update(extra_metadata or {})
     written = []
     if out_onnx:  # ONNX keeps batch norm and PReLU as their own nodes
-        from exporters.onnx_export import save_onnx
+        from qnrt.exporters.onnx_export import save_onnx
         _atomic(lambda p: save_onnx(graph, p), out_onnx)
         written.append(out_onnx)
     if out_qnb:  # .qnb gets them folded, so the device maps the weights it runs
-        from exporters.convert import finalize
+        from qnrt.exporters.convert import finalize
         from qnrt.format import save
         finalize(graph)
         _atomic(lambda p: save(graph, p), out_qnb)
