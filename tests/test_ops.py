@@ -28,30 +28,30 @@ def readonly(a):
     return a
 
 
-def prepare(op, inputs, consts=None, attrs=None, names=None, variant=None):
-    """infer + prepare one node (the named kernel variant, else the one the
-    registry chooses); returns (kernel, ins, out shapes)."""
+def one_op(op, inputs, consts=None, attrs=None, names=None):
+    """(OpDef, node, input shapes, output shapes, consts, input values) for one
+    node of `op`; consts are read-only, like memory-mapped initializers."""
     consts = {k: readonly(v) for k, v in (consts or {}).items()}
     names = names if names is not None else [*inputs, *consts]
     node = Node(op, list(names), ["y"], dict(attrs or {}), "under_test")
     values = {**inputs, **consts}
     shapes = [tuple(values[n].shape) if n else None for n in names]
     opdef = get_op(op)
-    out_shapes = opdef.infer(node, shapes, consts)
-    kernel = opdef.prepare(node, shapes, out_shapes, consts, variant=variant)
-    return kernel, [values[n] if n else None for n in names], out_shapes
+    return opdef, node, shapes, opdef.infer(node, shapes, consts), consts, [
+        values[n] if n else None for n in names]
+
+
+def prepare(op, inputs, consts=None, attrs=None, names=None, variant=None):
+    """infer + prepare one node (the named kernel variant, else the one the
+    registry chooses); returns (kernel, ins, out shapes)."""
+    opdef, node, shapes, out_shapes, consts, ins = one_op(op, inputs, consts, attrs, names)
+    return opdef.prepare(node, shapes, out_shapes, consts, variant=variant), ins, out_shapes
 
 
 def applicable_variants(op, inputs, consts=None, attrs=None, names=None):
     """Names of the variants of `op` whose predicate holds for this node, in order."""
-    consts = {k: readonly(v) for k, v in (consts or {}).items()}
-    names = names if names is not None else [*inputs, *consts]
-    node = Node(op, list(names), ["y"], dict(attrs or {}), "under_test")
-    values = {**inputs, **consts}
-    shapes = [tuple(values[n].shape) if n else None for n in names]
-    opdef = get_op(op)
-    spec = opdef.spec(node, shapes, opdef.infer(node, shapes, consts), consts)
-    return [v.name for v in opdef.applicable(spec)]
+    opdef, node, shapes, out_shapes, consts, _ = one_op(op, inputs, consts, attrs, names)
+    return [v.name for v in opdef.applicable(opdef.spec(node, shapes, out_shapes, consts))]
 
 
 def run_qnrt(op, inputs, consts=None, attrs=None, names=None, variant=None):
