@@ -14,6 +14,7 @@ EPILOG = """examples:
   qnrt info model.qnb --input-shape 1,3,224,224            graph, parameters, planned arena
   qnrt convert model.onnx model.qnb --input-shape 1,3,32,32 --labels labels.txt
   qnrt compress model.qnb model_dc.qnb                     Deep Compression, decoded at load
+  qnrt compile                                             build the kernels ahead of time
 """
 
 
@@ -51,6 +52,7 @@ def cmd_run(args) -> int:
     from .session import Session
 
     session = Session(args.model, kernels=args.kernels)
+    _say_if_compiling()
     meta = session.metadata
     inp = session.get_inputs()[0]
     if len(inp.shape) != 4:
@@ -138,6 +140,7 @@ def cmd_info(args) -> int:
         "arena_bytes": program.memory.arena_bytes,
         "naive_activation_bytes": program.memory.naive_bytes,
         "lower_bound_bytes": program.memory.lower_bound,
+        "kernel_backend": session.kernel_backend,
         "steps": [{"node": st.node_name, "op": st.op, "kernel": st.kernel.name,
                    "output_shape": list(st.outputs[0].shape),
                    "workspace_bytes": st.kernel.workspace} for st in program.steps],
@@ -161,6 +164,8 @@ def cmd_info(args) -> int:
     print(f"activation arena for {report['planned_input_shapes']}: "
           f"{report['arena_bytes'] / 1024:.1f} KiB (naive {report['naive_activation_bytes'] / 1024:.1f}"
           f" KiB, lower bound {report['lower_bound_bytes'] / 1024:.1f} KiB)")
+    from .backend import backend
+    print(f"kernels: {session.kernel_backend} ({backend().reason or backend().where})")
     print("steps:")
     width = max((len(st["node"]) for st in report["steps"]), default=4)
     for k, st in enumerate(report["steps"]):
@@ -179,6 +184,29 @@ def cmd_convert(args) -> int:
             preprocess=args.preprocess, nchw_input=args.nchw_input,
             log=lambda msg: print(msg, file=sys.stderr))
     return 0
+
+
+def cmd_compile(args) -> int:
+    from .aot_build import BuildError, run_build
+    from .backend import kernel_dir
+
+    models = [(m, [tuple(s) for s in args.input_shape]) for m in args.model]
+    for path, _ in models:
+        if not os.path.isfile(path):
+            raise CliError(f"{path}: no such file")
+    try:
+        return run_build(models, args.out or kernel_dir(), [tuple(s) for s in args.input_shape])
+    except BuildError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _say_if_compiling() -> None:
+    """One line before a run that will compile kernels (a cold Numba cache)."""
+    from .backend import backend, jit_cache_is_cold
+    if backend().name == "jit" and jit_cache_is_cold():
+        print("qnrt: compiling kernels for this machine, once (about 20 s; later runs load "
+              "them from the cache). `qnrt compile` builds them ahead of time.",
+              file=sys.stderr)
 
 
 def cmd_compress(args) -> int:
@@ -208,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                      help="kernel variants: the fastest that apply (auto, default) or every "
                           "op's plain reference (slow; for checking a result)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                      help="say which kernel backend runs and why")
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="describe a .qnb model and its memory plan",
@@ -221,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                       help="which kernel variants to plan with (default auto)")
+    info.add_argument("-v", "--verbose", action="store_true",
+                      help="say which kernel backend runs and why")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert an ONNX or Keras .h5 model to .qnb",
@@ -242,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "(what `qnrt run` feeds images as); default: keep the model's own")
     conv.set_defaults(func=cmd_convert)
 
+    build = sub.add_parser("compile", help="build the kernels ahead of time for this machine",
+                           description="Compile every kernel with numba.pycc into one native "
+                                       "module for this machine, so that later processes "
+                                       "import neither numba nor llvmlite (faster start, less "
+                                       "memory). Runs the shipped QuickNet, and the models "
+                                       "given, on every kernel variant to find the argument "
+                                       "types. Needs numba, gcc and g++; takes 1-2 min.")
+    build.add_argument("--model", action="append", default=[], metavar="MODEL.qnb",
+                       help="also cover this model's kernels (repeatable)")
+    build.add_argument("--input-shape", type=_shape, action="append", default=[],
+                       help="input shapes to cover (repeatable; default: each --model's own, "
+                            "and 1x3x32x32, 4x3x32x32, 1x3x224x224 for the shipped QuickNet)")
+    build.add_argument("--out", help="where to write the build (default: $QNRT_KERNEL_DIR, "
+                                     "else ~/.cache/qnrt/kernels)")
+    build.set_defaults(func=cmd_compile)
+
     comp = sub.add_parser("compress", help="Deep Compression: k-means weight sharing + Huffman",
                           description="Quantize each large weight tensor to a per-layer codebook "
                                       "(k-means), Huffman-code the indices and the gaps between "
@@ -261,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        import logging
+        logging.basicConfig(level=logging.INFO, format="qnrt: %(message)s")
     if getattr(args, "top", 1) < 1 or getattr(args, "batch", 1) < 1:
         print("qnrt: error: --top and --batch must be at least 1", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-from numba import njit
+from .backend import kernel as njit
 
 MAX_CODE_LEN = 24      # longest Huffman code a reader accepts
 MAX_INDEX_BITS = 8     # b: codebook of 2^b entries, b in 1..8

@@ -104,6 +104,12 @@ class Session:
         return ["NumbaExecutionProvider"]
 
     @property
+    def kernel_backend(self) -> str:
+        """"aot" (the `qnrt compile` build: no numba in the process) or "jit"."""
+        from .backend import backend
+        return backend().name
+
+    @property
     def metadata(self) -> dict:
         return self._graph.metadata
 

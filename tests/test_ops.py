@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from helpers import assert_close, one_node, ort_run_nodes, ort_session
+from helpers import assert_close, one_node, ort_run_nodes
 from qnrt.graph import GraphError, Node
 from qnrt.ops import all_variants, get_op, supported_ops
 

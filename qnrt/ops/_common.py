@@ -9,62 +9,23 @@ int64 ints and float64 scalars only, so each compiles to one specialization
 from __future__ import annotations
 
 import math
-import os
-import sys
 
-import numba
 import numpy as np
 
+from ..backend import kernel
 from ..graph import GraphError
 from . import ACTIVATIONS
 
-# error_model="numpy": a float x / 0 gives inf or NaN, as IEEE, ONNX Runtime and
-# NumPy do (Numba's default raises ZeroDivisionError inside the kernel).
-JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
-
-
 def njit(**options):
-    """numba.njit with qnrt's settings: cache=True (a device compiles each kernel
-    once, not at every start), nogil, IEEE float semantics (error_model numpy)."""
-    return numba.njit(**{**JIT, **options})
+    """A kernel: compiled by Numba with qnrt's settings (backend.JIT_OPTIONS:
+    cache=True, nogil, IEEE float semantics), or served by the ahead-of-time
+    build when one matches (qnrt compile)."""
+    return kernel(**options)
 
 
 MAX_RANK = 6
 
 
-def _skip_numba_scipy_probe():
-    """Cold start: the first Numba dispatch in a process (even of a cached
-    kernel) imports numba.np.arraymath, which probes for SciPy's BLAS by
-    importing scipy.linalg (0.3-0.5 s and ~16 MiB when SciPy is installed),
-    only to choose the inner product np.correlate/np.convolve use inside
-    Numba code. qnrt's kernels use neither, so that one probe is answered
-    "no BLAS" (as on a device without SciPy); numba.np.linalg.ensure_blas is
-    restored at once, so np.dot & co. in Numba code keep using SciPy's BLAS.
-    Skipped when SciPy's linalg is already loaded (the probe is then free) or
-    with QNRT_NUMBA_BLAS_PROBE=1."""
-    if (os.environ.get("QNRT_NUMBA_BLAS_PROBE") == "1" or "numba.np.arraymath" in sys.modules
-            or "scipy.linalg" in sys.modules):
-        return
-    try:
-        from numba.np import linalg
-    except ImportError:
-        return
-    real = linalg.ensure_blas
-
-    def no_blas():
-        raise ImportError("qnrt: SciPy BLAS probe skipped")
-    linalg.ensure_blas = no_blas
-    try:
-        import numba.np.arraymath as arraymath
-        if getattr(arraymath, "ensure_blas", None) is no_blas:
-            arraymath.ensure_blas = real
-    except Exception:  # an optimization only: Numba reports real problems itself later
-        pass
-    finally:
-        linalg.ensure_blas = real
-
-
-_skip_numba_scipy_probe()
 
 
 def fail(node, msg):
