@@ -6,6 +6,14 @@ on the same inputs, interleaved, and the report gives medians and the ratio
 qnrt / ONNX Runtime: only ratios measured in the same run mean anything on a
 shared, noisy machine. It also says which BLAS kernel numpy used.
 
+The cold-start section runs fresh processes (import, load, one run; the
+Python API at 1x3x32x32 and 1x3x224x224, and `qnrt run` on one image) for
+ONNX Runtime, qnrt with its JIT kernels (Numba's cache warm) and qnrt with the
+ahead-of-time build, and reads each one's wall time and peak RSS from wait4.
+It also compares the two kernel backends' steady-state speed. The AOT build
+comes from --kernel-dir, else the default location if it matches, else
+`qnrt compile` makes one in a temporary folder (about 80 s).
+
     python tools/bench.py                       # all three shapes, 1 thread
     python tools/bench.py --shapes 1x3x32x32 --repeat 200 --threads 2
 """
@@ -27,29 +35,22 @@ sys.path.insert(0, ROOT)
 
 DEFAULT_SHAPES = ("1x3x32x32", "32x3x32x32", "1x3x224x224")
 
-PEAK_RSS = """
-def peak_rss_kib():  # VmHWM: this process's own peak (ru_maxrss survives exec)
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
-"""
-COLD_QNRT = PEAK_RSS + """
-import time, sys
-t0 = time.perf_counter()
-import numpy as np, qnrt
-s = qnrt.Session(sys.argv[1])
-s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
-t1 = time.perf_counter()
-print(t1 - t0, peak_rss_kib())
-"""
-COLD_ORT = PEAK_RSS + """
-import time, sys
-t0 = time.perf_counter()
-import numpy as np, onnxruntime as ort
-o = ort.SessionOptions(); o.intra_op_num_threads = int(__import__("os").environ["OPENBLAS_NUM_THREADS"])
-s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
-s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
-t1 = time.perf_counter()
-print(t1 - t0, peak_rss_kib())
+COLD_API = """
+import sys
+import numpy as np
+engine, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+x = {"input": np.zeros((1, 3, size, size), np.float32)}
+if engine == "ort":
+    import onnxruntime as ort
+    o = ort.SessionOptions(); o.intra_op_num_threads = int(__import__("os").environ["OPENBLAS_NUM_THREADS"])
+    ort.InferenceSession(path, o, providers=["CPUExecutionProvider"]).run(None, x)
+else:
+    import qnrt
+    s = qnrt.Session(path)
+    s.run(None, x)
+    assert s.kernel_backend == engine, (s.kernel_backend, engine)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"numba", "llvmlite"})
+    assert engine == "jit" or not heavy, heavy
 """
 RSS_RUN = """
 import resource, sys, numpy as np
@@ -174,6 +175,99 @@ def child(script: str, *args, threads: int = 1) -> list[float]:
     return [float(v) for v in out.split()]
 
 
+def fresh_process(cmd: list, env: dict) -> tuple[float, float]:
+    """(wall seconds from spawn to exit, peak RSS MiB) of one process, from wait4."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}...: {err.strip()[-500:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def aot_build_dir(given: str | None, tmp: str) -> str:
+    """A kernel build that matches this checkout: given, the default one, or a new one."""
+    from qnrt import backend as be
+    for folder in ([given] if given else [be.kernel_dir()]):
+        exports, why = be._load_build(folder)
+        if exports is not None:
+            return folder
+        if given:
+            raise SystemExit(f"bench: --kernel-dir {given}: {why}")
+    folder = os.path.join(tmp, "kernels")
+    print("bench: no matching kernel build; running `qnrt compile` (about 80 s)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "qnrt", "compile", "--out", folder], check=True,
+                   stdout=subprocess.DEVNULL)
+    return folder
+
+
+def cold_starts(qnb_path, onnx_path, kernels: str, rounds: int, threads: int) -> dict:
+    """Fresh processes, interleaved: {case: {engine: (median wall s, median peak RSS MiB)}}."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "qnrt")],
+                   check=True)  # bytecode present, as after a pip install
+    base = {k: v for k, v in os.environ.items() if k not in ("QNRT_JIT", "QNRT_KERNEL_DIR")}
+    base.update(PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS=str(threads))
+    envs = {"ort": base, "jit": dict(base, QNRT_JIT="1"),
+            "aot": dict(base, QNRT_KERNEL_DIR=kernels)}
+    digit = os.path.join(ROOT, "examples", "digit_7.png")
+    shipped = os.path.join(ROOT, "models", "quicknet_digits.qnb")
+    cases = {f"api {n}x{n}": {e: [sys.executable, "-c", COLD_API, e,
+                                  onnx_path if e == "ort" else qnb_path, str(n)]
+                              for e in envs} for n in (32, 224)}
+    cases["qnrt run (CLI), one digit"] = {
+        e: [sys.executable, "-m", "qnrt", "run", shipped, digit] for e in ("jit", "aot")}
+    for case in cases.values():  # prime: Numba's cache, the page cache
+        for engine, cmd in case.items():
+            fresh_process(cmd, envs[engine])
+    samples = {c: {e: [] for e in case} for c, case in cases.items()}
+    for _ in range(rounds):
+        for c, case in cases.items():
+            for engine, cmd in case.items():
+                samples[c][engine].append(fresh_process(cmd, envs[engine]))
+    return {c: {e: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))
+                for e, v in by_engine.items()} for c, by_engine in samples.items()}
+
+
+STEADY = """
+import sys, time, statistics
+import numpy as np, qnrt
+from threadpoolctl import threadpool_limits
+threadpool_limits(int(sys.argv[3]), user_api="blas")
+s = qnrt.Session(sys.argv[1])
+shape = tuple(int(v) for v in sys.argv[2].split("x"))
+x = {"input": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+for _ in range(3):
+    s.run(None, x)
+ts = []
+for _ in range(int(sys.argv[4])):
+    t = time.perf_counter(); s.run(None, x); ts.append(time.perf_counter() - t)
+print(s.kernel_backend, statistics.median(ts))
+"""
+
+
+def steady_backends(qnb_path, kernels: str, shapes, rounds: int, threads: int) -> dict:
+    """{shape: {backend: median ms}}: JIT and AOT in alternating processes."""
+    base = {k: v for k, v in os.environ.items() if k not in ("QNRT_JIT", "QNRT_KERNEL_DIR")}
+    base.update(PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS=str(threads))
+    envs = {"jit": dict(base, QNRT_JIT="1"), "aot": dict(base, QNRT_KERNEL_DIR=kernels)}
+    out = {}
+    for text in shapes:
+        n = max(5, min(100, int(4e7 // np.prod([int(v) for v in text.split("x")]) // 100)))
+        times = {b: [] for b in envs}
+        for _ in range(rounds):
+            for b, env in envs.items():
+                got, med = subprocess.run(
+                    [sys.executable, "-c", STEADY, qnb_path, text, str(threads), str(n)],
+                    env=env, capture_output=True, text=True, check=True).stdout.split()
+                assert got == b, (got, b)
+                times[b].append(float(med))
+        out[text] = {b: 1e3 * statistics.median(v) for b, v in times.items()}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="a .qnb or neutral .npz to benchmark (default: initial weights)")
     p.add_argument("--cold", type=int, default=5,
                    help="fresh processes for cold start (default 5; 0 skips)")
+    p.add_argument("--kernel-dir", help="the AOT kernel build to measure (default: the default "
+                                        "location if it matches, else a new one)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -213,18 +309,29 @@ def main(argv=None) -> int:
                       f"{q8['skinny_weight_bytes_fp32'] / 2**20:.2f} MiB of weights fp32 vs "
                       f"{q8['skinny_weight_bytes_int8'] / 2**20:.2f} MiB int8", file=sys.stderr)
         if args.cold:
-            cq = [child(COLD_QNRT, qnb_path, threads=args.threads) for _ in range(args.cold)]
-            co = [child(COLD_ORT, onnx_path, threads=args.threads) for _ in range(args.cold)]
-            cold = {"qnrt_s": statistics.median(c[0] for c in cq),
-                    "ort_s": statistics.median(c[0] for c in co),
-                    "qnrt_peak_rss_mib": statistics.median(c[1] for c in cq) / 1024,
-                    "ort_peak_rss_mib": statistics.median(c[1] for c in co) / 1024}
-            cold["ratio"] = cold["qnrt_s"] / cold["ort_s"]
+            from qnrt.backend import backend
+            report["backend_in_process"] = backend().name
+            kernels = aot_build_dir(args.kernel_dir, tmp)
+            cold = cold_starts(qnb_path, onnx_path, kernels, args.cold, args.threads)
             report["cold_start"] = cold
-            print(f"cold start (import + load + first 1x3x32x32 answer, median of {args.cold} "
-                  f"processes): qnrt {cold['qnrt_s']:.3f} s / {cold['qnrt_peak_rss_mib']:.0f} MiB "
-                  f"peak RSS, onnxruntime {cold['ort_s']:.3f} s / {cold['ort_peak_rss_mib']:.0f} MiB, "
-                  f"ratio {cold['ratio']:.2f}", file=sys.stderr)
+            print(f"cold start: fresh processes, import + load + first answer, median of "
+                  f"{args.cold} (wall from spawn to exit; peak RSS from wait4):", file=sys.stderr)
+            print(f"  {'case':<28} {'ONNX Runtime':>16} {'qnrt JIT-cached':>20} "
+                  f"{'qnrt AOT':>16} {'AOT/ORT wall':>13} {'AOT/ORT RSS':>12}",
+                  file=sys.stderr)
+            for case, by in cold.items():
+                ort_ = by.get("ort") or cold["api 32x32"]["ort"]
+                cells = [f"{by[e][0]:.3f} s {by[e][1]:4.0f} MiB" if e in by else "-"
+                         for e in ("ort", "jit", "aot")]
+                print(f"  {case:<28} {cells[0]:>16} {cells[1]:>20} {cells[2]:>16} "
+                      f"{by['aot'][0] / ort_[0]:13.2f} {by['aot'][1] / ort_[1]:12.2f}"
+                      + ("" if "ort" in by else "  (vs ORT's api 32x32)"), file=sys.stderr)
+            steady = steady_backends(qnb_path, kernels, args.shapes, 3, args.threads)
+            report["steady_backends"] = steady
+            print("steady state, JIT vs AOT kernels (alternating processes, median of 3): "
+                  + ", ".join(f"{k}: {v['jit']:.2f} vs {v['aot']:.2f} ms "
+                              f"(AOT/JIT {v['aot'] / v['jit']:.2f})" for k, v in steady.items()),
+                  file=sys.stderr)
             growth = {}
             for engine, path in (("qnrt", qnb_path), ("ort", onnx_path)):
                 load, run = child(RSS_RUN, engine, path, "224", threads=args.threads)
