@@ -74,11 +74,13 @@ def cmd_run(args) -> int:
     if untrained:
         print("note: this model has deterministic initial weights, not trained ones; "
               "its answers are not meaningful", file=sys.stderr)
-    show_progress = len(paths) > args.batch and sys.stderr.isatty() and not args.json
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None  # a model's fixed batch
+    size = fixed or args.batch
+    show_progress = len(paths) > size and sys.stderr.isatty() and not args.json
     failures = 0
-    for start in range(0, len(paths), args.batch):
+    for start in range(0, len(paths), size):
         chunk, batch = [], []
-        for p in paths[start:start + args.batch]:
+        for p in paths[start:start + size]:
             try:
                 batch.append(load_image(p, meta, channels))
                 chunk.append(p)
@@ -87,11 +89,14 @@ def cmd_run(args) -> int:
                 print(f"qnrt: error: {exc}", file=sys.stderr)
         if not batch:
             continue
-        x = np.stack(batch)
+        x = np.stack(batch + [np.zeros_like(batch[0])] * ((fixed or len(batch)) - len(batch)))
         if layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        (scores,) = session.run(None, {inp.name: x})
-        scores = scores.reshape(len(batch), -1)
+        outputs = [o[:len(batch)] for o in session.run(None, {inp.name: x})]
+        if len(outputs) > 1 or outputs[0][0].squeeze().ndim > 1:  # not one score vector
+            _print_outputs(chunk, session.get_outputs(), outputs, args.json)
+            continue
+        scores = outputs[0].reshape(len(batch), -1)
         probs = scores if last_op == "Softmax" else _softmax(scores)
         for path, p in zip(chunk, probs):
             top = np.argsort(-p, kind="stable")[:args.top]
@@ -110,6 +115,32 @@ def cmd_run(args) -> int:
     return 1 if failures else 0
 
 
+def _print_outputs(paths, infos, outputs, as_json) -> None:
+    """A model that is not a one-vector classifier: each output's shape and range."""
+    for i, path in enumerate(paths):
+        summary = {o.name: {"shape": list(v[i].shape), "min": float(v[i].min()),
+                            "max": float(v[i].max()), "mean": float(v[i].mean())}
+                   for o, v in zip(infos, outputs)}
+        if as_json:
+            print(json.dumps({"image": path, "outputs": summary}))
+        else:
+            print(f"{path}: " + "; ".join(
+                f"{name} {'x'.join(map(str, d['shape'])) or 'scalar'} min {d['min']:.4g} "
+                f"max {d['max']:.4g} mean {d['mean']:.4g}" for name, d in summary.items()))
+
+
+def open_dimensions(session, shape) -> None:
+    """CliError if planning would have to guess the input's height or width."""
+    inp = session.get_inputs()[0]
+    guessed = [d for d in inp.shape[1:] if isinstance(d, str)]
+    if shape is None and guessed and "preprocess.size" not in session.metadata:
+        example = ",".join(str(d) if isinstance(d, int) else "1" if k == 0 else "224"
+                           for k, d in enumerate(inp.shape))
+        raise CliError(f"input '{inp.name}' has open dimensions {guessed} "
+                       f"({inp.shape}) and the model names no size: give --input-shape, "
+                       f"e.g. --input-shape {example}")
+
+
 def cmd_info(args) -> int:
     from . import format as qnb
     from .session import Session
@@ -119,6 +150,7 @@ def cmd_info(args) -> int:
     graph = session.graph
     shape = args.input_shape
     inp = session.get_inputs()[0]
+    open_dimensions(session, shape)
     program = session.prepare({inp.name: shape} if shape else None)
     ops: dict[str, int] = {}
     for n in graph.nodes:
@@ -180,9 +212,12 @@ def cmd_convert(args) -> int:
     except ImportError as exc:
         raise CliError(f"qnrt convert needs the exporter extras ({exc}); "
                        "install them with: pip install 'qnrt[export]'") from None
-    convert(args.input, args.output, input_shape=args.input_shape, labels=args.labels,
-            preprocess=args.preprocess, nchw_input=args.nchw_input,
-            log=lambda msg: print(msg, file=sys.stderr))
+    try:
+        convert(args.input, args.output, input_shape=args.input_shape, labels=args.labels,
+                preprocess=args.preprocess, nchw_input=args.nchw_input,
+                log=lambda msg: print(msg, file=sys.stderr))
+    except ModuleNotFoundError as exc:
+        raise CliError(missing_extra(exc.name, f"converting {args.input}")) from None
     return 0
 
 
@@ -207,6 +242,18 @@ def _say_if_compiling() -> None:
         print("qnrt: compiling kernels for this machine, once (about 20 s; later runs load "
               "them from the cache). `qnrt compile` builds them ahead of time.",
               file=sys.stderr)
+
+
+EXTRAS = {"onnx": "pip install 'qnrt[export]'", "h5py": "pip install 'qnrt[export]'",
+          "torch": "pip install 'qnrt[train]' (torch 2.13.0, CPU)",
+          "onnxruntime": "pip install 'qnrt[bench]'"}
+
+
+def missing_extra(module: str | None, doing: str) -> str:
+    """One line naming what to install for a missing optional dependency."""
+    top = (module or "").split(".")[0]
+    return (f"{doing} needs the '{top}' package, which is not installed: "
+            f"{EXTRAS.get(top, f'pip install {top}')}")
 
 
 def cmd_compress(args) -> int:

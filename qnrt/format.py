@@ -246,13 +246,32 @@ class _Reader:
             self.fail(f"{self.end - self.pos} unexpected bytes before the block end")
 
 
+_IMAGE = "; the model comes first: qnrt run MODEL.qnb IMAGE..."
+_OTHER_FILES = ((b"\x89PNG", "an image (PNG)" + _IMAGE), (b"\xff\xd8\xff", "an image (JPEG)" + _IMAGE),
+                (b"GIF8", "an image (GIF)" + _IMAGE), (b"BM", "an image (BMP)" + _IMAGE),
+                (b"\x89HDF", "a Keras/HDF5 model: convert it with `qnrt convert IN.h5 OUT.qnb`"),
+                (b"PK\x03\x04", "a zip archive (a PyTorch .pt?): convert it with "
+                                 "`qnrt convert IN.pt OUT.qnb`"))
+
+
+def _what_it_is(head: bytes) -> str:
+    """', which looks like ...' for files people give by mistake, else ''."""
+    for magic, what in _OTHER_FILES:
+        if head.startswith(magic):
+            return f", it looks like {what}"
+    if head[:1] == b"\x08" and len(head) > 1 and head[1] < 0x20:  # ONNX: field 1, ir_version
+        return ", it looks like an ONNX model: convert it with `qnrt convert IN.onnx OUT.qnb`"
+    return ""
+
+
 def _fixed(head, size: int) -> dict:
     """Check the fixed header of a `size`-byte file; `head` holds its first bytes."""
     head = bytes(head[:_FIXED.size])
     if size == 0:
         raise FormatError("empty file (0 bytes): not a .qnb file")
     if head[:4] != MAGIC[:len(head[:4])]:
-        raise FormatError(f"not a .qnb file: bad magic {head[:4]!r}, expected {MAGIC!r}")
+        raise FormatError(f"not a .qnb file{_what_it_is(head)}: bad magic {head[:4]!r}, "
+                          f"expected {MAGIC!r}")
     if size < _FIXED.size:
         raise FormatError(f"truncated file: {size} bytes is shorter than the "
                           f"{_FIXED.size}-byte fixed header")

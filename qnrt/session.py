@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,15 +38,52 @@ class ModelMetadata:
     custom_metadata_map: dict
 
 
+class IgnoredOptionWarning(UserWarning):
+    """An ONNX Runtime option qnrt accepts for compatibility but does not act on."""
+
+
+@dataclass
+class SessionOptions:
+    """The ONNX Runtime SessionOptions fields people set. qnrt does not act on
+    them yet (it runs one thread, in the caller's thread); a value other than
+    the default is named in one IgnoredOptionWarning. An onnxruntime
+    SessionOptions object is accepted too."""
+    intra_op_num_threads: int = 0
+    inter_op_num_threads: int = 0
+    log_severity_level: int = 2
+
+
+_OWN_PROVIDERS = ("CPUExecutionProvider", "NumbaExecutionProvider")
+
+
+def _warn_ignored(sess_options, providers) -> None:
+    names = [p if isinstance(p, str) else p[0] for p in providers or []]
+    other = [p for p in names if p not in _OWN_PROVIDERS]
+    if other:
+        warnings.warn(f"qnrt runs its own CPU kernels; providers {other} are ignored",
+                      IgnoredOptionWarning, stacklevel=3)
+    if sess_options is not None:
+        changed = [f for f in ("intra_op_num_threads", "inter_op_num_threads")
+                   if getattr(sess_options, f, 0) not in (0, 1)]
+        if changed:
+            warnings.warn(f"qnrt does not apply sess_options {changed} yet: it runs on one "
+                          "thread", IgnoredOptionWarning, stacklevel=3)
+
+
 class Session:
     """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True,
-               input_shapes=None, weights="fp32", kernels="auto")
+               input_shapes=None, weights="fp32", kernels="auto", max_programs=8)
 
     `input_shapes` ({name: shape}) fixes dynamic dimensions at creation and plans
     the arena then; without it, each new input shape is planned on first use.
 
     `providers` and `sess_options` are accepted for drop-in compatibility with
-    onnxruntime and ignored: qnrt has one provider, its Numba kernels.
+    onnxruntime: qnrt has one provider, its own CPU kernels, and a provider or
+    thread count it cannot honour is named in one IgnoredOptionWarning.
+
+    `max_programs` bounds the per-shape program cache (each holds its arena):
+    past it, the least recently used program is dropped, so a stream of
+    changing input sizes does not grow the process without bound.
 
     `weights="int8"` quantizes the large pointwise convolutions' weights at
     creation (rewrite.quantize_pointwise_int8: int8 per output channel, the
@@ -60,9 +99,14 @@ class Session:
     """
 
     def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True,
-                 input_shapes: dict | None = None, weights: str = "fp32", kernels="auto"):
+                 input_shapes: dict | None = None, weights: str = "fp32", kernels="auto",
+                 max_programs: int = 8):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', not {weights!r}")
+        if not isinstance(max_programs, int) or max_programs < 1:
+            raise ValueError(f"max_programs must be a positive int, not {max_programs!r}")
+        _warn_ignored(sess_options, providers)
+        self._max_programs = max_programs
         self._kernel_choice = KernelChoice.parse(kernels)
         if isinstance(model, Graph):
             graph = model.copy()  # the caller's graph stays as it was
@@ -82,7 +126,7 @@ class Session:
         self._graph = graph
         self._output_names = [v.name for v in graph.outputs]
         self._consts = {k: _as_float32(k, v) for k, v in graph.initializers.items()}
-        self._programs: dict[tuple, Program] = {}
+        self._programs: OrderedDict[tuple, Program] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
         if input_shapes:  # fix dynamic dimensions now, and plan before the first run
             self._fix_input_shapes(input_shapes)
@@ -149,12 +193,17 @@ class Session:
 
     # -- planning ----------------------------------------------------------------
     def prepare(self, input_shapes: dict | None = None) -> Program:
-        """The program (kernels, arena, offsets) for these input shapes; made once."""
+        """The program (kernels, arena, offsets) for these input shapes: made once,
+        kept while it is among the `max_programs` most recently used."""
         shapes = self._concrete_input_shapes(input_shapes or {})
         key = tuple(sorted(shapes.items()))
-        if key not in self._programs:
+        if key in self._programs:
+            self._programs.move_to_end(key)
+        else:
             self._programs[key] = compile_program(self._graph, self._consts, shapes,
                                                   self._kernel_choice)
+            while len(self._programs) > self._max_programs:
+                self._programs.popitem(last=False)
         return self._programs[key]
 
     def kernel_names(self, input_shapes: dict | None = None) -> list[tuple[str, str]]:

@@ -36,3 +36,11 @@ def test_runtime_runs_without_export_dependencies(tmp_path):
     banned = {"onnx", "onnxruntime", "torch", "h5py", "scipy", "sklearn", "exporters", "models"}
     assert not loaded & banned
     assert not [m for m in modules if m.startswith("qnrt.exporters")]
+
+
+def test_import_qnrt_loads_no_compiler():
+    code = ("import sys, qnrt; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'numba', 'llvmlite', 'scipy', 'PIL', 'onnx'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qnrt.cli import _shape  # noqa: E402
+from qnrt.cli import CliError, _shape, open_dimensions  # noqa: E402
 from qnrt.format import FormatError  # noqa: E402
 from qnrt.graph import GraphError  # noqa: E402
 from qnrt.planner import READ_AFTER_RUN  # noqa: E402
@@ -27,6 +27,7 @@ from qnrt.session import Session  # noqa: E402
 def report(model: str, input_shape=None) -> dict:
     session = Session(model)
     name = session.get_inputs()[0].name
+    open_dimensions(session, input_shape)
     program = session.prepare({name: input_shape} if input_shape else None)
     mem = program.memory
     sizes = {b.name: b.size for b in mem.buffers}
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     except FileNotFoundError:
         print(f"memplan: error: {args.model}: no such file", file=sys.stderr)
         return 1
-    except (OSError, FormatError, GraphError) as exc:
+    except (OSError, FormatError, GraphError, CliError) as exc:
         print(f"memplan: error: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -1,0 +1,113 @@
+"""What a new user meets (issue 13): each test reproduces a friction found by
+trying qnrt as a new user would, and checks the behaviour that replaced it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import qnrt
+from qnrt import format as qnb
+from qnrt.graph import Graph, Node, ValueInfo
+from qnrt.models import quicknet
+from qnrt.session import IgnoredOptionWarning, SessionOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def qnrt_cli(*args, pre=""):
+    code = pre + "import sys; from qnrt.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_a_model_with_a_fixed_batch_of_one_classifies_a_folder(tmp_path):
+    g = quicknet.build(width=0.125, input_size=32)
+    g.inputs[0].shape = (1, 3, 32, 32)  # what torch.onnx.export and --input-shape 1,... make
+    path = tmp_path / "static.qnb"
+    qnb.save(g, path)
+    out = qnrt_cli("run", path, EXAMPLES)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == len(os.listdir(EXAMPLES))
+
+
+def test_a_missing_extra_is_one_line_naming_what_to_install(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    out = qnrt_cli("convert", tmp_path / "m.onnx", tmp_path / "m.qnb",
+                   pre="import sys; sys.modules['onnx'] = None\n")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "pip install 'qnrt[export]'" in out.stderr
+    assert not (tmp_path / "m.qnb").exists()
+
+
+def dynamic_model(tmp_path):
+    g = quicknet.build(width=0.125, input_size=None)  # ('N', 3, 'H', 'W')
+    g.metadata.pop("preprocess.size", None)
+    path = tmp_path / "dynamic.qnb"
+    qnb.save(g, path)
+    return path
+
+
+def test_open_height_and_width_ask_for_an_input_shape(tmp_path):
+    path = dynamic_model(tmp_path)
+    out = qnrt_cli("info", path)
+    assert out.returncode == 1 and "give --input-shape, e.g. --input-shape 1,3,224,224" in out.stderr
+    memplan = subprocess.run([sys.executable, "tools/memplan.py", str(path)], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert memplan.returncode == 1 and "give --input-shape" in memplan.stderr
+    assert qnrt_cli("info", path, "--input-shape", "1,3,32,32").returncode == 0
+
+
+def test_a_model_that_is_not_a_classifier_prints_its_outputs(tmp_path):
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    g = Graph([Node("Conv", ["x", "w"], ["maps"], {"pads": [1] * 4}, "conv"),
+               Node("GlobalAveragePool", ["maps"], ["pooled"], {}, "gap")],
+              [ValueInfo("x", ("N", 3, 8, 8))],
+              [ValueInfo("maps", ("N", 4, 8, 8)), ValueInfo("pooled", ("N", 4, 1, 1))], {"w": w})
+    path = tmp_path / "two_outputs.qnb"
+    qnb.save(g, path)
+    out = qnrt_cli("run", path, os.path.join(EXAMPLES, "digit_7.png"))
+    assert out.returncode == 0, out.stderr
+    assert "maps 4x8x8 min" in out.stdout and "pooled 4x1x1 min" in out.stdout
+    js = qnrt_cli("run", path, os.path.join(EXAMPLES, "digit_7.png"), "--json")
+    assert '"outputs"' in js.stdout and '"shape": [4, 8, 8]' in js.stdout
+
+
+@pytest.mark.parametrize("head, says", [(b"\x08\x08\x12\x07pytorch", "ONNX model: convert it"),
+                                        (b"\x89PNG\r\n\x1a\n", "the model comes first")])
+def test_an_onnx_file_or_swapped_arguments_say_what_to_do(tmp_path, head, says):
+    path = tmp_path / "given.bin"
+    path.write_bytes(head + b"\0" * 100)
+    out = qnrt_cli("run", path, os.path.join(EXAMPLES, "digit_7.png"))
+    assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ort_style_options_exist_and_what_is_ignored_is_said():
+    g = quicknet.build(width=0.125, input_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qnrt.Session(g, providers=["CPUExecutionProvider"])
+        qnrt.Session(g, SessionOptions())
+    assert not caught
+    with pytest.warns(IgnoredOptionWarning, match="CUDAExecutionProvider"):
+        qnrt.Session(g, providers=["CUDAExecutionProvider"])
+    with pytest.warns(IgnoredOptionWarning, match="intra_op_num_threads"):
+        qnrt.Session(g, qnrt.SessionOptions(intra_op_num_threads=4))
+
+
+def test_the_program_cache_is_bounded():
+    sess = qnrt.Session(quicknet.build(width=0.125, input_size=None), max_programs=2)
+    first = sess.prepare({"input": (1, 3, 32, 32)})
+    sess.prepare({"input": (1, 3, 40, 40)})
+    assert sess.prepare({"input": (1, 3, 32, 32)}) is first  # a hit moves it to the front
+    sess.prepare({"input": (1, 3, 48, 48)})  # evicts 40x40, the least recently used
+    assert len(sess._programs) == 2
+    assert sess.prepare({"input": (1, 3, 32, 32)}) is first
+    with pytest.raises(ValueError, match="max_programs"):
+        qnrt.Session(quicknet.build(width=0.125), max_programs=0)
