@@ -111,3 +111,13 @@ def test_the_program_cache_is_bounded():
     assert sess.prepare({"input": (1, 3, 32, 32)}) is first
     with pytest.raises(ValueError, match="max_programs"):
         qnrt.Session(quicknet.build(width=0.125), max_programs=0)
+
+
+def test_qnrt_compile_without_a_compiler_says_what_to_install(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PATH"}
+    env["PATH"] = str(tmp_path)  # no cc, gcc, c++ or g++ here
+    out = subprocess.run([sys.executable, "-m", "qnrt", "compile", "--out", str(tmp_path / "k")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "needs a C compiler and a C++ compiler" in out.stderr and "apt install gcc g++" in out.stderr
+    assert not (tmp_path / "k").exists()
