@@ -241,15 +241,19 @@ def layout(payload, size: int) -> dict:
             "index_stream": arr["index_stream"], "gap_stream": arr["gap_stream"]}
 
 
-def decode(payload, shape) -> np.ndarray:
-    """The float32 array of `shape` that an encoding-1 payload stores. Raises CodecError
-    (with a message saying what is wrong) for any malformed payload."""
+def decode(payload, shape, out=None) -> np.ndarray:
+    """The float32 array of `shape` that an encoding-1 payload stores, decoded into
+    `out` (a zeroed, C-contiguous float32 vector of that size) or a new array.
+    Raises CodecError (with a message saying what is wrong) for any malformed payload."""
     size = int(np.prod(shape, dtype=object))
     p = layout(payload, size)
-    try:
-        out = np.zeros(size, np.float32)
-    except (MemoryError, ValueError):
-        raise CodecError(f"cannot allocate {size} float32 elements") from None
+    if out is None:
+        try:
+            out = np.zeros(size, np.float32)
+        except (MemoryError, ValueError):
+            raise CodecError(f"cannot allocate {size} float32 elements") from None
+    elif out.dtype != np.float32 or out.shape != (size,) or not out.flags.c_contiguous:
+        raise ValueError(f"decode: out must be a C-contiguous float32 vector of {size}")
     err, which, entry, bit = _decode_dc(p["codebook"], p["index_lengths"], p["index_stream"],
                                         p["index_nbits"], p["gap_lengths"], p["gap_stream"],
                                         p["gap_nbits"], p["count"], out)

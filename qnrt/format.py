@@ -78,12 +78,13 @@ def detach_encoding(graph: Graph, name: str) -> None:
     graph.encodings.pop(name, None)
 
 
-def _decode_tensor(t: dict, payload: bytes) -> np.ndarray:
-    """The array an encoded tensor-table entry stores; FormatError if malformed."""
+def _decode_tensor(t: dict, payload: bytes, out=None) -> np.ndarray:
+    """The array an encoded tensor-table entry stores (decoded into `out`, a
+    zeroed float32 vector of its size, if given); FormatError if malformed."""
     from . import codec  # numba: imported only when a file holds encoded tensors
 
     try:
-        return codec.decode(payload, t["shape"])
+        return codec.decode(payload, t["shape"], out)
     except codec.CodecError as exc:
         raise FormatError(f"tensor '{t['name']}': {exc}") from None
 
@@ -426,11 +427,20 @@ def _decode(buf, verify: bool) -> Graph:
                               f"not {t['dtype']}")
     _check_wiring(inputs, outputs, nodes, table)
     decoded = {}
-    for t in table.values():  # copies of the payloads: no view of buf survives an error
-        if t["encoding"] != RAW:
-            start = data_off + t["offset"]
-            payload = bytes(buf[start:start + t["nbytes"]])
-            decoded[t["name"]] = (_decode_tensor(t, payload), t["encoding"], payload)
+    encoded = [t for t in table.values() if t["encoding"] != RAW]
+    sizes = [int(np.prod(t["shape"], dtype=object)) for t in encoded]
+    try:  # all decoded tensors in one buffer: one allocation, no fragmentation
+        block = np.zeros(sum(sizes), np.float32) if encoded else None
+    except (MemoryError, ValueError):
+        raise FormatError(f"the {len(encoded)} compressed tensors decode to {sum(sizes):,} "
+                          "floats, more than this machine can allocate") from None
+    at = 0
+    for t, n in zip(encoded, sizes):  # copies of the payloads: no view of buf survives an error
+        start = data_off + t["offset"]
+        payload = bytes(buf[start:start + t["nbytes"]])
+        decoded[t["name"]] = (_decode_tensor(t, payload, block[at:at + n]), t["encoding"],
+                              payload)
+        at += n
     inits, encodings = {}, {}
     for t in table.values():  # views made only after every check passed (see load)
         if t["name"] in decoded:
