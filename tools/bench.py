@@ -175,17 +175,28 @@ def child(script: str, *args, threads: int = 1) -> list[float]:
     return [float(v) for v in out.split()]
 
 
+# A child's ru_maxrss counts the memory of the process that forked it (it survives
+# exec), so the measured process is started by a small launcher, not by this one.
+LAUNCH = """
+import os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t
+err = p.stderr.read().decode()
+print(wall, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+sys.stderr.write(err[-800:])
+"""
+
+
 def fresh_process(cmd: list, env: dict) -> tuple[float, float]:
     """(wall seconds from spawn to exit, peak RSS MiB) of one process, from wait4."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])}...: {err.strip()[-500:]}")
-    return wall, usage.ru_maxrss / 1024
+    out = subprocess.run([sys.executable, "-S", "-c", LAUNCH, *cmd], env=env,
+                         capture_output=True, text=True)
+    wall, maxrss_kib, code = out.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}...: {out.stderr.strip()[-500:]}")
+    return float(wall), int(maxrss_kib) / 1024
 
 
 def aot_build_dir(given: str | None, tmp: str) -> str:
@@ -255,7 +266,7 @@ def steady_backends(qnb_path, kernels: str, shapes, rounds: int, threads: int) -
     envs = {"jit": dict(base, QNRT_JIT="1"), "aot": dict(base, QNRT_KERNEL_DIR=kernels)}
     out = {}
     for text in shapes:
-        n = max(5, min(100, int(4e7 // np.prod([int(v) for v in text.split("x")]) // 100)))
+        n = max(10, min(100, int(1e8 // np.prod([int(v) for v in text.split("x")]) // 100)))
         times = {b: [] for b in envs}
         for _ in range(rounds):
             for b, env in envs.items():
@@ -326,9 +337,9 @@ def main(argv=None) -> int:
                 print(f"  {case:<28} {cells[0]:>16} {cells[1]:>20} {cells[2]:>16} "
                       f"{by['aot'][0] / ort_[0]:13.2f} {by['aot'][1] / ort_[1]:12.2f}"
                       + ("" if "ort" in by else "  (vs ORT's api 32x32)"), file=sys.stderr)
-            steady = steady_backends(qnb_path, kernels, args.shapes, 3, args.threads)
+            steady = steady_backends(qnb_path, kernels, args.shapes, 5, args.threads)
             report["steady_backends"] = steady
-            print("steady state, JIT vs AOT kernels (alternating processes, median of 3): "
+            print("steady state, JIT vs AOT kernels (alternating processes, median of 5): "
                   + ", ".join(f"{k}: {v['jit']:.2f} vs {v['aot']:.2f} ms "
                               f"(AOT/JIT {v['aot'] / v['jit']:.2f})" for k, v in steady.items()),
                   file=sys.stderr)
