@@ -6,6 +6,7 @@ import os
 from collections import Counter
 
 from qnrt import format as qnb
+from qnrt.image import ImageError, check_preprocess
 from qnrt.graph import Graph, GraphError
 from qnrt.rewrite import optimize
 
@@ -71,6 +72,10 @@ def parse_preprocess(items) -> dict:
                 meta[f"preprocess.{key}"] = kind(value)
         except ValueError:
             raise GraphError(f"--preprocess '{item}': '{value}' is not a valid {key}") from None
+    try:
+        check_preprocess(meta)
+    except ImageError as exc:
+        raise GraphError(f"--preprocess: {exc}") from None
     return meta
 
 

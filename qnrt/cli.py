@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -48,9 +49,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def cmd_run(args) -> int:
-    from .image import ImageError, list_images, load_image
+    from .image import ImageError, check_preprocess, list_images, load_image
     from .session import Session
 
+    started = time.perf_counter()
     session = Session(args.model, kernels=args.kernels)
     _say_if_compiling()
     meta = session.metadata
@@ -65,6 +67,10 @@ def cmd_run(args) -> int:
     hw = inp.shape[1:3] if layout == "NHWC" else inp.shape[2:4]
     if "preprocess.size" not in meta and all(isinstance(d, int) for d in hw):
         meta = {**meta, "preprocess.size": list(hw)}  # a fixed-size model tells its size
+    try:
+        check_preprocess(meta, channels)
+    except ImageError as exc:
+        raise CliError(f"'{args.model}' cannot preprocess images: {exc}") from None
     paths = list_images(args.images)
     if not paths:
         raise CliError("no images found in " + ", ".join(args.images))
@@ -87,8 +93,12 @@ def cmd_run(args) -> int:
             except ImageError as exc:
                 failures += 1
                 print(f"qnrt: error: {exc}", file=sys.stderr)
+                if args.json:  # every image gets a record, a failed one too
+                    print(json.dumps({"image": p, "error": str(exc)}))
         if not batch:
             continue
+        if show_progress:  # the results start on a clean line
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
         x = np.stack(batch + [np.zeros_like(batch[0])] * ((fixed or len(batch)) - len(batch)))
         if layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -108,10 +118,14 @@ def cmd_run(args) -> int:
                 print(f"{path}: " + ", ".join(f"{t['label']} ({t['probability']:.3f})"
                                               for t in picks))
         if show_progress:
-            print(f"\r{min(start + args.batch, len(paths))}/{len(paths)} images",
-                  end="", file=sys.stderr)
+            sys.stdout.flush()
+            print(f"\r{min(start + size, len(paths))}/{len(paths)} images", end="",
+                  file=sys.stderr, flush=True)
     if show_progress:
-        print(file=sys.stderr)
+        print("\r\033[K", end="", file=sys.stderr)
+    if len(paths) > 1:
+        print(f"qnrt: {len(paths)} images, {failures} failed, "
+              f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -35,6 +35,46 @@ class ImageError(ValueError):
     """An image that cannot be read or preprocessed."""
 
 
+RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+MODES = ("RGB", "L", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F")
+
+
+def check_preprocess(metadata: dict, channels: int | None = None) -> None:
+    """ImageError naming the key for preprocessing metadata that cannot be used
+    (so `qnrt convert` refuses it and `qnrt run` says so once, not per image)."""
+    s = settings(metadata)
+
+    def fail(key, why):
+        raise ImageError(f"preprocess.{key} = {metadata.get('preprocess.' + key)!r}: {why}")
+
+    for key in ("size", "native_size"):
+        v = metadata.get(f"preprocess.{key}", s.get(f"preprocess.{key}"))
+        if v is None:
+            continue
+        if (not isinstance(v, (list, tuple)) or len(v) != 2
+                or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                           and 0 < d <= 1 << 16 for d in v)):
+            fail(key, "must be two positive ints, height and width (e.g. size=32,32)")
+    for key in ("mean", "std"):
+        v = s[f"preprocess.{key}"]
+        ok = (isinstance(v, (list, tuple)) and len(v) in (1, channels or len(v))
+              and all(isinstance(x, (int, float)) and np.isfinite(x) for x in v))
+        if not ok:
+            fail(key, f"must be 1{f' or {channels}' if channels and channels != 1 else ''} "
+                      "finite numbers")
+        if key == "std" and any(x == 0 for x in v):
+            fail(key, "must not be 0")
+    scale = s["preprocess.scale"]
+    if not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        fail("scale", "must be a finite number")
+    if s["preprocess.mode"] not in MODES:
+        fail("mode", f"must be one of {', '.join(MODES)}")
+    if str(s["preprocess.resample"]).lower() not in RESAMPLE_FILTERS:
+        fail("resample", f"must be one of {', '.join(RESAMPLE_FILTERS)}")
+    if s["preprocess.channel_order"] not in ("RGB", "BGR"):
+        fail("channel_order", "must be RGB or BGR")
+
+
 def settings(metadata: dict) -> dict:
     return {k: metadata.get(k, v) for k, v in DEFAULTS.items()}
 

@@ -121,3 +121,31 @@ def test_qnrt_compile_without_a_compiler_says_what_to_install(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "needs a C compiler and a C++ compiler" in out.stderr and "apt install gcc g++" in out.stderr
     assert not (tmp_path / "k").exists()
+
+
+def test_bad_preprocess_options_are_refused_at_convert(tmp_path):
+    from qnrt.exporters.convert import parse_preprocess
+    for bad, says in ((["size=64"], "two positive ints"), (["std=0,1,1"], "must not be 0"),
+                      (["resample=cubic"], "must be one of")):
+        with pytest.raises(qnrt.GraphError, match=says):
+            parse_preprocess(bad)
+    g = quicknet.build(width=0.125, input_size=32)
+    g.metadata["preprocess.size"] = [64]  # a file written before the check
+    path = tmp_path / "bad_meta.qnb"
+    qnb.save(g, path)
+    out = qnrt_cli("run", path, EXAMPLES)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert "cannot preprocess images: preprocess.size = [64]" in out.stderr
+
+
+def test_json_gives_a_failed_image_a_record_and_a_folder_run_a_summary(tmp_path):
+    import json
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    out = qnrt_cli("run", "models/quicknet_digits_dc.qnb", tmp_path / "broken.png",
+                   os.path.join(EXAMPLES, "digit_7.png"), "--json")
+    assert out.returncode == 1
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert records[0]["image"].endswith("broken.png") and "not a readable image" in records[0][
+        "error"]
+    assert records[1]["top"][0]["label"] == "7"
+    assert "qnrt: 2 images, 1 failed," in out.stderr
