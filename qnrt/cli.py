@@ -49,7 +49,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def cmd_run(args) -> int:
-    from .image import ImageError, check_preprocess, list_images, load_image
+    from .image import (ImageError, check_preprocess, list_images, load_image,
+                        skipped_subfolders)
     from .session import Session
 
     started = time.perf_counter()
@@ -71,7 +72,11 @@ def cmd_run(args) -> int:
         check_preprocess(meta, channels)
     except ImageError as exc:
         raise CliError(f"'{args.model}' cannot preprocess images: {exc}") from None
-    paths = list_images(args.images)
+    paths = list_images(args.images, recursive=args.recursive)
+    skipped = [] if args.recursive else skipped_subfolders(args.images)
+    if skipped:
+        print(f"qnrt: note: {len(skipped)} subfolder(s) not searched ({skipped[0]}, ...); "
+              "--recursive walks them", file=sys.stderr)
     if not paths:
         raise CliError("no images found in " + ", ".join(args.images))
     labels = list(meta.get("labels", []))
@@ -88,7 +93,7 @@ def cmd_run(args) -> int:
         chunk, batch = [], []
         for p in paths[start:start + size]:
             try:
-                batch.append(load_image(p, meta, channels))
+                batch.append(load_image(p, meta, channels, args.max_pixels))
                 chunk.append(p)
             except ImageError as exc:
                 failures += 1
@@ -284,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qnrt", description="Run QuickNet-style CNNs from .qnb files on small devices.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    from .image import MAX_PIXELS
+    parser.add_argument("--version", action="version", version=f"qnrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="classify images with a .qnb model",
@@ -294,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top", type=int, default=3, help="how many labels to print (default 3)")
     run.add_argument("--json", action="store_true", help="one JSON object per image")
     run.add_argument("--batch", type=int, default=16, help="images per run (default 16)")
+    run.add_argument("--recursive", "-r", action="store_true",
+                     help="also classify the images in subfolders of the folders given")
+    run.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                     help=f"refuse images larger than this (default {MAX_PIXELS:,}, Pillow's "
+                          "decompression-bomb limit)")
     run.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                      help="kernel variants: the fastest that apply (auto, default) or every "
                           "op's plain reference (slow; for checking a result)")

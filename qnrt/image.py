@@ -132,12 +132,29 @@ def _to_8bit(image):
     return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
 
 
-def load_image(path: str, metadata: dict, channels: int = 3) -> np.ndarray:
+MAX_PIXELS = 89_478_485  # Pillow's own limit (about 0.25 GiB of RGBA): larger is refused
+
+
+def load_image(path: str, metadata, channels: int = 3, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image at `path`, preprocessed as `metadata` says (a Session's metadata,
+    or the Session itself). Images of more than `max_pixels` pixels are refused
+    before they are decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    if hasattr(metadata, "metadata") and not isinstance(metadata, dict):  # a Session
+        metadata = metadata.metadata
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as im:
-            im.load()
+            if im.width * im.height > max_pixels:
+                raise ImageError(f"{path}: {im.width}x{im.height} is more than {max_pixels:,} "
+                                 "pixels; refused (qnrt run --max-pixels N raises the limit)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above
+                im.load()
             return preprocess(im, metadata, channels)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
@@ -149,13 +166,25 @@ def load_image(path: str, metadata: dict, channels: int = 3) -> np.ndarray:
         raise ImageError(f"{path}: not a readable image ({exc})") from None
 
 
-def list_images(paths: list[str]) -> list[str]:
-    """Files as given; folders expanded to their image files, sorted."""
+def list_images(paths: list[str], recursive: bool = False) -> list[str]:
+    """Files as given; folders expanded to their image files, sorted (and their
+    subfolders' with `recursive`)."""
     found = []
     for p in paths:
-        if os.path.isdir(p):
+        if not os.path.isdir(p):
+            found.append(p)
+        elif recursive:
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                found += sorted(os.path.join(root, f) for f in files
+                                if f.lower().endswith(IMAGE_SUFFIXES))
+        else:
             found += sorted(os.path.join(p, f) for f in os.listdir(p)
                             if f.lower().endswith(IMAGE_SUFFIXES))
-        else:
-            found.append(p)
     return found
+
+
+def skipped_subfolders(paths: list[str]) -> list[str]:
+    """The subfolders of the given folders (not walked without `recursive`)."""
+    return [os.path.join(p, d) for p in paths if os.path.isdir(p)
+            for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d))]

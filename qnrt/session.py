@@ -169,6 +169,7 @@ class Session:
             if n not in self._output_names:
                 raise InvalidArgument(f"'{n}' is not an output of this model; outputs are "
                                       f"{sorted(self._output_names)}")
+        input_feed = self._as_arrays(input_feed)
         shapes = self._check_feed(input_feed)
         with self._lock:
             program = self.prepare(shapes)
@@ -221,6 +222,22 @@ class Session:
                 if isinstance(d, str):
                     shape[k] = int(size[k - 2]) if len(shape) == 4 and k >= 2 else 1
             out[v.name] = tuple(int(d) for d in shape)
+        return out
+
+    @staticmethod
+    def _as_arrays(feed):
+        """Nested lists of numbers become float32 arrays, as ONNX Runtime takes them."""
+        if not isinstance(feed, dict):
+            return feed
+        out = {}
+        for name, value in feed.items():
+            if isinstance(value, (list, tuple)):
+                try:
+                    value = np.asarray(value, dtype=np.float32)
+                except (ValueError, TypeError):
+                    raise InvalidArgument(f"input '{name}': a list must be a rectangular "
+                                          "nest of numbers") from None
+            out[name] = value
         return out
 
     def _check_feed(self, feed: dict) -> dict:

@@ -149,3 +149,31 @@ def test_json_gives_a_failed_image_a_record_and_a_folder_run_a_summary(tmp_path)
         "error"]
     assert records[1]["top"][0]["label"] == "7"
     assert "qnrt: 2 images, 1 failed," in out.stderr
+
+
+def test_version_recursive_empty_files_and_huge_images(tmp_path):
+    assert qnrt_cli("--version").stdout.strip() == f"qnrt {qnrt.__version__}"
+    from PIL import Image
+    (tmp_path / "sub").mkdir()
+    Image.open(os.path.join(EXAMPLES, "digit_7.png")).save(tmp_path / "sub" / "seven.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.new("L", (3000, 3000)).save(tmp_path / "big.png")
+    model = "models/quicknet_digits_dc.qnb"
+    flat = qnrt_cli("run", model, tmp_path)
+    assert "1 subfolder(s) not searched" in flat.stderr and "--recursive" in flat.stderr
+    assert "empty.png: empty file (0 bytes)" in flat.stderr
+    assert "big.png: 3000x3000 is more than 1,000,000 pixels" in qnrt_cli(
+        "run", model, tmp_path / "big.png", "--max-pixels", "1000000").stderr
+    deep = qnrt_cli("run", model, tmp_path, "--recursive")
+    assert "seven.png: 7" in deep.stdout and "not searched" not in deep.stderr
+
+
+def test_run_takes_nested_lists_and_load_image_a_session():
+    from qnrt.image import load_image
+    sess = qnrt.Session("models/quicknet_digits_dc.qnb")
+    x = load_image(os.path.join(EXAMPLES, "digit_7.png"), sess)[None]
+    (a,) = sess.run(None, {"input": x})
+    (b,) = sess.run(None, {"input": x.tolist()})
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(qnrt.session.InvalidArgument, match="rectangular"):
+        sess.run(None, {"input": [[1.0, 2.0], [3.0]]})
