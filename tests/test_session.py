@@ -97,7 +97,8 @@ def test_api_mirrors_onnxruntime(quicknet_qnb):
     ({"input": np.zeros((1, 4, 32, 32), np.float32)}, "shape"),
     ({"input": np.zeros((3, 32, 32), np.float32)}, "shape"),
     ({"image": np.zeros((1, 3, 32, 32), np.float32)}, "missing"),
-    ({"input": [[1.0]]}, "numpy array"),
+    ({"input": [[1.0]]}, "shape"),  # a nested list becomes an array (issue 13), of this shape
+    ({"input": "an image"}, "numpy array"),
 ])
 def test_bad_feed_is_a_clear_error(quicknet_qnb, feed, message):
     with pytest.raises(InvalidArgument, match=message):
