@@ -62,10 +62,10 @@ def check_toolchain() -> None:
 
 # --- 1. harvest ---------------------------------------------------------------
 
-def exercise(graph, input_shapes: dict, rng, say) -> int:
+def exercise(graph, input_shapes: dict, rng) -> int:
     """Run every node of `graph` on every non-reference variant that applies;
     returns the number of kernel runs."""
-    from .compiler import KernelChoice, compile_program
+    from .compiler import KernelChoice, aligned_empty, compile_program
     from .ops import get_op
 
     consts = {k: v for k, v in graph.initializers.items()}
@@ -84,8 +84,7 @@ def exercise(graph, input_shapes: dict, rng, say) -> int:
             if v.is_reference:
                 continue
             k = op.prepare(node, in_shapes, out_shapes, consts, variant=v.name)
-            ws = be_workspace(k.workspace)
-            k.run(step.inputs, step.outputs, ws)
+            k.run(step.inputs, step.outputs, aligned_empty(k.workspace) if k.workspace else None)
             runs += 1
         for o, s in zip(step.outputs, saved):  # the auto variant's answer, for the next node
             o[...] = s
@@ -93,12 +92,7 @@ def exercise(graph, input_shapes: dict, rng, say) -> int:
     return runs
 
 
-def be_workspace(nbytes: int):
-    from .compiler import aligned_empty
-    return aligned_empty(nbytes) if nbytes else None
-
-
-def model_workloads(paths_and_shapes, say):
+def model_workloads(paths_and_shapes):
     """(label, graph, input_shapes) for each model, weights mode and shape."""
     from . import format as qnb
     from .rewrite import optimize, quantize_pointwise_int8
@@ -178,18 +172,18 @@ def harvest(paths_and_shapes, say) -> None:
 
     all_variants()  # import every kernel module
     rng = np.random.default_rng(0)
-    for label, graph, shapes in model_workloads(paths_and_shapes, say):
+    for label, graph, shapes in model_workloads(paths_and_shapes):
         t = time.perf_counter()
-        n = exercise(graph, shapes, rng, say)
+        n = exercise(graph, shapes, rng)
         say(f"  ran {label}: {n} kernel runs ({time.perf_counter() - t:.1f} s)")
-    skipped = []
-    for op, graph, shapes in zoo():
+    skipped, cases = [], zoo()
+    for op, graph, shapes in cases:
         try:
             graph.toposort()
-            exercise(graph, shapes, rng, say)
+            exercise(graph, shapes, rng)
         except Exception as exc:  # noqa: BLE001 - a zoo case the runtime refuses is left out
             skipped.append(f"{op}: {exc}")
-    say(f"  ran {len(zoo()) - len(skipped)} one-node graphs of other ops"
+    say(f"  ran {len(cases) - len(skipped)} one-node graphs of other ops"
         + (f" ({len(skipped)} refused: {'; '.join(skipped)})" if skipped else ""))
 
 
@@ -227,7 +221,7 @@ def exports():
     return out
 
 
-def export_all(entries, out_dir: str, say) -> str:
+def export_all(entries, out_dir: str) -> str:
     """pycc-compile the entries into out_dir; returns the library's file name."""
     import llvmlite.binding as ll
     import numba.pycc.compiler as pycc_compiler
@@ -281,7 +275,7 @@ def build(paths_and_shapes, out_dir: str, say=print) -> dict:
     work = tempfile.mkdtemp(prefix=".build-", dir=out_dir)
     try:
         t = time.perf_counter()
-        lib = export_all(entries, work, say)
+        lib = export_all(entries, work)
         say(f"  compiled in {time.perf_counter() - t:.1f} s")
         source = be.source_hash()
         lib_name = f"{be.MODULE_NAME}-{source[:12]}{os.path.splitext(lib)[1] or '.so'}"
