@@ -26,40 +26,55 @@ def optimize(graph: Graph) -> Graph:
     return graph
 
 
-def _rename_input(graph: Graph, old: str, new: str) -> None:
-    for n in graph.nodes:
-        n.inputs = [new if i == old else i for i in n.inputs]
-
-
-def _single_consumer(graph: Graph, name: str) -> Node | None:
-    if name in {o.name for o in graph.outputs}:
+def _single_consumer(users: dict, outputs: set, name: str) -> Node | None:
+    """The one node reading `name` (not a graph output), else None. `users` is
+    graph.consumers(), taken once per pass: the passes below keep it valid for
+    every name they look up (each rewrite removes the only reader it checked)."""
+    if name in outputs:
         return None
-    users = graph.consumers().get(name, [])
-    return users[0] if len(users) == 1 else None
+    readers = users.get(name, [])
+    return readers[0] if len(readers) == 1 else None
 
 
 def remove_identities(graph: Graph) -> None:
+    """Identity and inference-mode Dropout nodes removed, their readers rewired
+    to the source (chains followed, in any node order). Linear in the graph."""
     outputs = {o.name for o in graph.outputs}
+    source: dict[str, str] = {}  # removed output -> the tensor it passed through
     kept = []
     for node in graph.nodes:
-        passthrough = node.op in ("Identity", "Dropout") and len(
-            [o for o in node.outputs[1:] if o]) == 0
+        passthrough = (node.op in ("Identity", "Dropout") and node.inputs and node.outputs
+                       and not any(node.outputs[1:]))
         if passthrough and node.outputs[0] not in outputs:
-            _rename_input(graph, node.outputs[0], node.inputs[0])
+            source[node.outputs[0]] = node.inputs[0]
         else:
             kept.append(node)
+
+    def resolve(name: str) -> str:
+        path, seen = [], set()
+        while name in source and name not in seen:  # (a cycle is left for validate())
+            path.append(name)
+            seen.add(name)
+            name = source[name]
+        for p in path:  # path compression: each name is walked once
+            source[p] = name
+        return name
+
+    for node in kept:
+        node.inputs = [resolve(i) if i in source else i for i in node.inputs]
     graph.nodes = kept
 
 
 def fold_batchnorm(graph: Graph) -> None:
     """Conv -> BatchNormalization becomes one Conv with scaled weights."""
     producers = graph.producers()
+    users, outputs = graph.consumers(), {o.name for o in graph.outputs}
     consts = graph.initializers
     kept = []
     for node in graph.nodes:
         conv = producers.get(node.inputs[0]) if node.op == "BatchNormalization" else None
         if (conv is None or conv.op != "Conv" or conv.attrs.get("activation")
-                or _single_consumer(graph, conv.outputs[0]) is not node
+                or _single_consumer(users, outputs, conv.outputs[0]) is not node
                 or not all(i in consts for i in node.inputs[1:5])
                 or not all(i in consts for i in conv.inputs[1:3] if i)):
             kept.append(node)
@@ -69,7 +84,6 @@ def fold_batchnorm(graph: Graph) -> None:
         w = consts[conv.inputs[1]].astype(np.float64)
         b = consts[conv.inputs[2]].astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] \
             else np.zeros(w.shape[0])
-        users = graph.consumers()
         # a weight only this conv reads keeps its name (files stay readable)
         wname = conv.inputs[1] if len(users.get(conv.inputs[1], [])) == 1 \
             else graph.fresh_name(conv.inputs[1] + ".folded")
@@ -96,6 +110,7 @@ def _channel_slope(slope: np.ndarray, channels: int) -> np.ndarray | None:
 
 def fuse_activations(graph: Graph) -> None:
     producers = graph.producers()
+    users, outputs = graph.consumers(), {o.name for o in graph.outputs}
     consts = graph.initializers
     removed = set()
     for node in graph.nodes:
@@ -103,7 +118,7 @@ def fuse_activations(graph: Graph) -> None:
             continue
         conv = producers.get(node.inputs[0])
         if (conv is None or conv.op != "Conv" or conv.attrs.get("activation")
-                or _single_consumer(graph, conv.outputs[0]) is not node):
+                or _single_consumer(users, outputs, conv.outputs[0]) is not node):
             continue
         attrs = {"activation": node.op}
         extra = []
@@ -119,7 +134,7 @@ def fuse_activations(graph: Graph) -> None:
                 slope = np.full(cout or 0, node.attrs.get("alpha", 0.01), np.float32)
                 if cout is None:
                     continue
-            own = node.op == "PRelu" and len(graph.consumers().get(node.inputs[1], [])) == 1
+            own = node.op == "PRelu" and len(users.get(node.inputs[1], [])) == 1
             sname = node.inputs[1] if own else graph.fresh_name(
                 (node.name or node.outputs[0]) + ".slope")
             consts[sname] = slope

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_close, ort_run
 from qnrt.models import quicknet
 from qnrt import Session, format as qnb
-from qnrt.graph import GraphError, Node, ValueInfo
+from qnrt.graph import Graph, GraphError, Node, ValueInfo
 from qnrt.session import InvalidArgument
 
 
@@ -140,3 +140,20 @@ def test_input_shapes_fixed_at_creation(quicknet_qnb):
     assert sess.run(None, {"input": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 10)
     with pytest.raises(InvalidArgument, match="takes"):
         Session(quicknet_qnb, input_shapes={"input": (1, 4, 32, 32)})
+
+
+def test_load_time_is_linear_in_the_graph(tmp_path):
+    """20,000 Identity nodes (a 1 MB file) load in seconds, not minutes (issue 10)."""
+    import time
+    n = 20_000
+    nodes = [Node("Identity", [f"t{i}"], [f"t{i + 1}"], {}, f"id{i}") for i in range(n)]
+    nodes.append(Node("Relu", [f"t{n}"], ["y"], {}, "relu"))
+    g = Graph(nodes[::-1], [ValueInfo("t0", (1, 4))], [ValueInfo("y", (1, 4))])  # any order
+    path = tmp_path / "ids.qnb"
+    qnb.save(g, path)
+    t = time.perf_counter()
+    sess = Session(str(path))
+    assert time.perf_counter() - t < 60  # a guard against quadratic rewrites (172 s), not a speed goal: ~1 s
+    assert [nd.op for nd in sess.graph.nodes] == ["Relu"] and sess.graph.nodes[0].inputs == ["t0"]
+    x = np.array([[-1, 0, 2, -3]], np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"t0": x})[0], np.maximum(x, 0))
