@@ -83,7 +83,7 @@ def exercise(graph, input_shapes: dict, rng) -> int:
         for v in op.applicable(spec):
             if v.is_reference:
                 continue
-            k = op.prepare(node, in_shapes, out_shapes, consts, variant=v.name)
+            k = op.build(node, spec, variant=v.name)
             k.run(step.inputs, step.outputs, aligned_empty(k.workspace) if k.workspace else None)
             runs += 1
         for o, s in zip(step.outputs, saved):  # the auto variant's answer, for the next node

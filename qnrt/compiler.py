@@ -65,7 +65,7 @@ class KernelChoice:
                 or self.forced.get(node.op))
         if name == "reference":
             name = op.reference.name
-        return op.prepare(node, in_shapes, out_shapes, consts, variant=name or auto.name)
+        return op.build(node, spec, variant=name or auto.name)
 
 
 @dataclass

@@ -109,8 +109,11 @@ class OpDef:
 
     def prepare(self, node, in_shapes, out_shapes, consts, variant: str | None = None) -> Kernel:
         """The kernel for this node: the named variant (GraphError if it does not
-        apply here), else the first variant that applies."""
-        spec = self.spec(node, in_shapes, out_shapes, consts)
+        apply here), else the first variant that applies and prefers it."""
+        return self.build(node, self.spec(node, in_shapes, out_shapes, consts), variant)
+
+    def build(self, node, spec, variant: str | None = None) -> Kernel:
+        """prepare() for a spec already made by self.spec()."""
         if variant is None:
             chosen = self.choose(spec)
         else:
