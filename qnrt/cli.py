@@ -189,12 +189,13 @@ def cmd_info(args) -> int:
         "planned_input_shapes": {k: list(v) for k, v in program.shapes.items()
                                  if k in {i.name for i in graph.inputs}},
         "arena_bytes": program.memory.arena_bytes,
-        "naive_activation_bytes": program.memory.naive_bytes,
-        "lower_bound_bytes": program.memory.lower_bound,
+        "naive_activation_bytes": program.unfused.naive_bytes,
+        "lower_bound_bytes": program.unfused.lower_bound,
+        "unfused_arena_bytes": program.unfused.arena_bytes,
+        "streamed_groups": [f"{g.links[0].node.name}..{g.links[-1].node.name} "
+                            f"({g.band} rows per band)" for g in program.groups],
         "kernel_backend": session.kernel_backend,
-        "steps": [{"node": st.node_name, "op": st.op, "kernel": st.kernel.name,
-                   "output_shape": list(st.outputs[0].shape),
-                   "workspace_bytes": st.kernel.workspace} for st in program.steps],
+        "steps": _step_report(graph, program),
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -213,16 +214,36 @@ def cmd_info(args) -> int:
     print(f"parameters: {report['parameters']:,}")
     print(f"nodes: {len(graph.nodes)} (" + ", ".join(f"{k} x{v}" for k, v in ops.items()) + ")")
     print(f"activation arena for {report['planned_input_shapes']}: "
-          f"{report['arena_bytes'] / 1024:.1f} KiB (naive {report['naive_activation_bytes'] / 1024:.1f}"
-          f" KiB, lower bound {report['lower_bound_bytes'] / 1024:.1f} KiB)")
+          f"{report['arena_bytes'] / 1024:.1f} KiB (unfused plan "
+          f"{report['unfused_arena_bytes'] / 1024:.1f} KiB, tensor-level lower bound "
+          f"{report['lower_bound_bytes'] / 1024:.1f} KiB, naive "
+          f"{report['naive_activation_bytes'] / 1024:.1f} KiB)")
+    if report["streamed_groups"]:
+        print("streamed: " + "; ".join(report["streamed_groups"]))
     from .backend import backend
     print(f"kernels: {session.kernel_backend} ({backend().reason or backend().where})")
     print("steps:")
     width = max((len(st["node"]) for st in report["steps"]), default=4)
     for k, st in enumerate(report["steps"]):
         shape = "x".join(map(str, st["output_shape"]))
-        print(f"  {k:>3} {st['node']:<{width}}  {st['kernel']:<24} {shape}")
+        band = f"  streamed ({st['streamed']})" if st["streamed"] else ""
+        print(f"  {k:>3} {st['node']:<{width}}  {st['kernel']:<24} {shape}{band}")
     return 0
+
+
+def _step_report(graph, program) -> list[dict]:
+    """One entry per node: its kernel variant, output shape, and the streamed
+    group it runs in (if any)."""
+    out_of = {n.name: n.outputs[0] for n in graph.nodes}
+    rows = []
+    for st in program.steps:
+        group = (f"{st.members[0][0]}..{st.members[-1][0]}" if st.op == "Stream" else None)
+        for name, variant in st.members:
+            rows.append({"node": name, "kernel": variant,
+                         "output_shape": list(program.shapes[out_of[name]]),
+                         "streamed": group,
+                         "workspace_bytes": st.kernel.workspace if group is None else 0})
+    return rows
 
 
 def cmd_convert(args) -> int:

@@ -6,6 +6,8 @@
     lifetimes  the step that writes each tensor and the last that reads it
     sharing    aliases (Reshape & co.) and in-place elementwise outputs share
                their input's buffer
+    streaming  chains of ops run band by band (qnrt.streaming): only their
+               first input and last output are whole tensors
     memory     one arena: tensors and kernel workspaces planned by
                qnrt.planner, which sees only sizes and lifetimes
     views      each tensor and workspace as a view into the arena
@@ -15,6 +17,7 @@ inputs into their views and calls each step's kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -71,11 +74,12 @@ class KernelChoice:
 @dataclass
 class Step:
     node_name: str
-    op: str
+    op: str  # the node's op, or "Stream" for a streamed group of nodes
     kernel: Kernel
     inputs: list  # arena views or constant arrays (None: omitted)
     outputs: list
     workspace: np.ndarray | None
+    members: list = field(default_factory=list)  # (node name, variant) of each node it runs
 
 
 @dataclass
@@ -85,8 +89,10 @@ class Program:
     steps: list[Step]
     memory: Plan
     tensor_buffer: dict  # tensor name -> the buffer it lives in
-    views: dict  # tensor name -> arena view
+    views: dict  # tensor name -> arena view (a streamed group's intermediates have none)
     arena: np.ndarray = field(repr=False)
+    unfused: Plan | None = None  # the plan without streaming (for reports)
+    groups: tuple = ()  # the streamed groups (streaming.GroupChoice)
 
 
 def infer_shapes(graph: Graph, input_shapes: dict[str, tuple] | None = None) -> dict[str, tuple]:
@@ -130,15 +136,38 @@ def nbytes(shape) -> int:
     return FLOAT * int(np.prod(shape, dtype=np.int64))
 
 
-def compile_program(graph: Graph, consts: dict, input_shapes: dict,
-                    choice: KernelChoice = KernelChoice()) -> Program:
-    """The program for `graph` (toposorted, rewritten) at these input shapes."""
-    shapes = infer_shapes(graph, input_shapes)
+class ArenaLimitError(GraphError):
+    """No schedule fits Session(arena_limit=...); `smallest` is the smallest
+    arena reachable for these input shapes, in bytes."""
+
+    def __init__(self, message: str, smallest: int):
+        super().__init__(message)
+        self.smallest = smallest
+
+
+@dataclass
+class Layout:
+    """Buffers for a schedule: each tensor's buffer, each step's workspace."""
+    buffers: dict  # buffer name -> Buffer
+    tensor_buffer: dict  # tensor -> buffer name
+    workspaces: dict  # first node index of a step -> Buffer
+    group_at: dict  # first node index of a group -> GroupChoice
+
+    def plan(self, steps: int) -> Plan:
+        return plan(list(self.buffers.values()) + list(self.workspaces.values()), steps)
+
+
+def _layout(graph: Graph, shapes: dict, kernels: list, groups=()) -> Layout:
+    """Lifetimes of every buffer when `groups` (streaming.GroupChoice) are
+    streamed: a group's intermediates have no buffer, its input and output are
+    live through all its nodes, its band buffers are its workspace."""
     last_use = last_uses(graph)
     outputs = {v.name for v in graph.outputs}
     tensor_buffer: dict[str, str] = {}
     buffers: dict[str, Buffer] = {}
     members: dict[str, list[str]] = {}
+    group_at = {g.links[0].index: g for g in groups}
+    in_group = {link.index: g for g in groups for link in g.links}
 
     def end_of(tensor, default):
         return READ_AFTER_RUN if tensor in outputs else last_use.get(tensor, default)
@@ -155,26 +184,141 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
 
     for v in graph.inputs:
         new_buffer(v.name, -1)
-    kernels = []
+    workspaces = {}
     for i, node in enumerate(graph.nodes):
+        group = in_group.get(i)
+        if group is not None:
+            first, last = group.links[0].index, group.links[-1].index
+            if i == first:
+                source = buffers[tensor_buffer[node.inputs[0]]]
+                source.last = max(source.last, last)
+                new_buffer(group.links[-1].node.outputs[0], first)
+                workspaces[i] = Buffer(f"{node.name or node.outputs[0]}:stream", group.workspace,
+                                       first, last)
+            continue
         op = get_op(node.op)
         in_shapes = [shapes[t] if t else None for t in node.inputs]
         out_shapes = [shapes[t] for t in node.outputs]
-        kernels.append(choice.kernel(node, in_shapes, out_shapes, consts))
         buf = tensor_buffer.get(node.inputs[0] if node.inputs else "")
         for k, out in enumerate(node.outputs):
             if k == 0 and buf and op.alias:
                 join(out, buf)
-            elif (k == 0 and buf and op.inplace and out_shapes[0] == in_shapes[0]
-                  and all(last_use.get(t) == i and t not in outputs for t in members[buf])):
+            elif (k == 0 and buf and (op.inplace or kernels[i].inplace)
+                  and out_shapes[0] == in_shapes[0]
+                  and all(last_use.get(t, -1) <= i and t not in outputs for t in members[buf])):
                 join(out, buf)
             else:
                 new_buffer(out, i)
-    workspaces = {i: Buffer(f"{node.name or node.outputs[0]}:workspace", int(kernel.workspace),
-                            i, i)
-                  for i, (node, kernel) in enumerate(zip(graph.nodes, kernels))
-                  if kernel.workspace}
-    memory = plan(list(buffers.values()) + list(workspaces.values()), len(graph.nodes))
+        if kernels[i].workspace:
+            workspaces[i] = Buffer(f"{node.name or node.outputs[0]}:workspace",
+                                   int(kernels[i].workspace), i, i)
+    return Layout(buffers, tensor_buffer, workspaces, group_at)
+
+
+def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Plan,
+              arena_limit: int | None, forced=None):
+    """The groups to stream (qnrt.streaming) and the layout they give."""
+    from . import streaming
+
+    keep = {v.name for v in graph.outputs}
+    links = streaming.links_of(graph, kernels, shapes, consts)
+    runs = streaming.chains(graph, links, keep)
+    steps = len(graph.nodes)
+    if not runs:
+        if forced:
+            raise GraphError("the graph has no chain of ops that can stream")
+        return (), unfused, unfused_plan
+    sizes = {name: b.size for name, b in unfused.buffers.items()}
+    sizes.update({b.name: b.size for b in unfused.workspaces.values()})
+    live = unfused_plan.live_per_step[1:]  # [0] is before the first step
+    step_tensors = [[(name, sizes[name]) for name in names] for names in live]
+    live_bytes = [sum(size for _, size in pairs) for pairs in step_tensors]
+    tensor_bytes = {t: nbytes(shapes[t]) for t in shapes}
+    base = streaming.base_ns(shapes, graph, links)
+    args = (runs, live_bytes, step_tensors, tensor_bytes, base)
+    excluded: set = set()
+
+    def pick(limit):
+        while True:
+            if forced is not None:
+                sched = streaming.forced_schedule(runs, forced)
+            elif limit == "smallest":
+                sched = streaming.smallest_schedule(*args, excluded=frozenset(excluded))
+            else:
+                sched = streaming.choose_schedule(*args, arena_limit=limit,
+                                                  excluded=frozenset(excluded))
+            bad, done = None, []
+            for group in sched.groups:
+                try:
+                    streaming.check_kernels(group)
+                    done.append(streaming.finalize(group))
+                except (streaming.NotStreamable, GraphError):
+                    bad = group
+                    break
+            if bad is None:
+                return dataclasses.replace(sched, groups=tuple(done))
+            if forced is not None:
+                raise GraphError(f"nodes {bad.links[0].node.name!r} .. "
+                                 f"{bad.links[-1].node.name!r} cannot stream exactly")
+            excluded.update((id(link), rows) for link, rows in zip(bad.links, bad.rows))
+
+    def laid_out(sched):
+        layout = _layout(graph, shapes, kernels, sched.groups)
+        return layout, layout.plan(steps)
+
+    if arena_limit is None or forced is not None:
+        sched = pick(None)
+        layout, memory = laid_out(sched)
+        return sched.groups, layout, memory
+    limit = arena_limit
+    for _ in range(8):  # the estimate counts live bytes; the planner may need a little more
+        sched = pick(limit)
+        if sched.peak_estimate < 0:
+            break
+        layout, memory = laid_out(sched)
+        if memory.arena_bytes <= arena_limit:
+            return sched.groups, layout, memory
+        limit -= memory.arena_bytes - arena_limit
+    sched = pick("smallest")
+    layout, memory = laid_out(sched)
+    if memory.arena_bytes <= arena_limit:
+        return sched.groups, layout, memory
+    smallest = min(memory.arena_bytes, unfused_plan.arena_bytes)
+    raise ArenaLimitError(
+        f"no schedule fits arena_limit={arena_limit:,} bytes ({arena_limit / 2**20:,.2f} MiB) "
+        f"at input shapes {dict((v.name, shapes[v.name]) for v in graph.inputs)}; the smallest "
+        f"arena reachable is {smallest:,} bytes ({smallest / 2**20:,.2f} MiB)", smallest)
+
+
+def compile_program(graph: Graph, consts: dict, input_shapes: dict,
+                    choice: KernelChoice = KernelChoice(), *, streaming: bool = True,
+                    arena_limit: int | None = None, groups=None) -> Program:
+    """The program for `graph` (toposorted, rewritten) at these input shapes.
+
+    streaming: let qnrt.streaming run chains of ops band by band (the default
+    schedule: the lowest peak within streaming.SPEED_BUDGET of the unfused
+    plan's estimated time); arena_limit (bytes): the cheapest schedule whose
+    arena fits, else ArenaLimitError naming the smallest reachable; groups
+    (streaming.GroupSpec list, for tests and tools): exactly these groups."""
+    shapes = infer_shapes(graph, input_shapes)
+    kernels = []
+    for node in graph.nodes:
+        in_shapes = [shapes[t] if t else None for t in node.inputs]
+        out_shapes = [shapes[t] for t in node.outputs]
+        kernels.append(choice.kernel(node, in_shapes, out_shapes, consts))
+    unfused = _layout(graph, shapes, kernels)
+    unfused_plan = unfused.plan(len(graph.nodes))
+    layout, memory = unfused, unfused_plan
+    forced, groups = groups, ()
+    from .streaming import SEARCH_FROM_BYTES
+    wanted = streaming and unfused_plan.arena_bytes > SEARCH_FROM_BYTES
+    if wanted or arena_limit is not None or forced is not None:
+        groups, layout, memory = _schedule(graph, shapes, kernels, consts, unfused,
+                                           unfused_plan, arena_limit, forced)
+    if arena_limit is not None and memory.arena_bytes > arena_limit:
+        raise ArenaLimitError(f"no schedule fits arena_limit={arena_limit:,} bytes; the "
+                              f"smallest arena reachable is {memory.arena_bytes:,} bytes",
+                              memory.arena_bytes)
     try:
         arena = aligned_empty(memory.arena_bytes)
     except (MemoryError, ValueError):
@@ -183,15 +327,38 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
                          "can allocate") from None
     offsets = memory.offsets()
     views = {t: arena[offsets[b]:offsets[b] + nbytes(shapes[t])]
-             .view(np.float32).reshape(shapes[t]) for t, b in tensor_buffer.items()}
+             .view(np.float32).reshape(shapes[t]) for t, b in layout.tensor_buffer.items()}
     steps = []
+    skip_until = -1
     for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
+        if i <= skip_until:
+            continue
+        b = layout.workspaces.get(i)  # by step: node names need not be unique
+        ws = arena[b.offset:b.offset + b.size] if b else None
+        group = layout.group_at.get(i)
+        if group is not None:
+            from .streaming import group_kernel
+            last = group.links[-1].node
+            x0, xm = views[node.inputs[0]], views[last.outputs[0]]
+            steps.append(Step(node.name, "Stream", group_kernel(group, x0, xm, ws), [x0], [xm],
+                              ws, members=[(link.node.name, link.variant) for link in group.links]))
+            skip_until = group.links[-1].index
+            continue
         ins = [views[t] if t in views else consts.get(t) if t else None for t in node.inputs]
         outs = [views[t] for t in node.outputs]
-        b = workspaces.get(i)  # by step: node names need not be unique
-        ws = arena[b.offset:b.offset + b.size] if b else None
-        steps.append(Step(node.name, node.op, kernel, ins, outs, ws))
-    return Program(shapes, steps, memory, tensor_buffer, views, arena)
+        steps.append(Step(node.name, node.op, kernel, ins, outs, ws,
+                          members=[(node.name, kernel.name)]))
+    return Program(shapes, steps, memory, layout.tensor_buffer, views, arena,
+                   unfused=unfused_plan, groups=tuple(groups))
+
+
+def smallest_program(graph: Graph, consts: dict, input_shapes: dict,
+                     choice: KernelChoice = KernelChoice()) -> Program:
+    """The program with the smallest arena the schedule search reaches."""
+    try:
+        return compile_program(graph, consts, input_shapes, choice, arena_limit=1)
+    except ArenaLimitError as exc:
+        return compile_program(graph, consts, input_shapes, choice, arena_limit=exc.smallest)
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:

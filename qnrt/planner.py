@@ -45,19 +45,33 @@ def _overlap(a: Buffer, b: Buffer) -> bool:
 
 
 def plan(buffers: list[Buffer], steps: int) -> Plan:
-    placed: list[Buffer] = []
+    """Offsets for `buffers` over steps -1 .. steps - 1 (see the module doc).
+
+    Clashes are looked up in buckets of steps, so a plan of thousands of
+    short-lived buffers (a streamed group's bands) stays fast."""
+    width = max(1, (steps + 1) // 512)
+
+    def span(b):  # the buckets a buffer's lifetime touches
+        return range((b.first + 1) // width, (min(b.last, steps) + 1) // width + 1)
+
+    buckets: dict[int, list[Buffer]] = {}
     # ties broken by earlier start so the plan is deterministic
     for buf in sorted(buffers, key=lambda b: (-b.size, b.first, b.name)):
-        clashes = sorted((p for p in placed if _overlap(p, buf)), key=lambda p: p.offset)
+        near = {id(p): p for k in span(buf) for p in buckets.get(k, ())}
+        clashes = sorted((p for p in near.values() if _overlap(p, buf)), key=lambda p: p.offset)
         offset = 0
         for p in clashes:
             if offset + buf.size <= p.offset:
                 break  # fits in the gap before p
             offset = max(offset, aligned(p.offset + p.size))
         buf.offset = offset
-        placed.append(buf)
+        for k in span(buf):
+            buckets.setdefault(k, []).append(buf)
     arena = max((aligned(b.offset + b.size) for b in buffers), default=0)
-    live = [[b.name for b in buffers if b.first <= s <= b.last] for s in range(-1, steps)]
+    live: list[list[str]] = [[] for _ in range(steps + 1)]
+    for b in buffers:
+        for s in range(max(b.first, -1), min(b.last, steps - 1) + 1):
+            live[s + 1].append(b.name)
     sizes = {b.name: b.size for b in buffers}
     bound = max((sum(sizes[n] for n in names) for names in live), default=0)
     naive = sum(aligned(b.size) for b in buffers)

@@ -72,7 +72,8 @@ def _warn_ignored(sess_options, providers) -> None:
 
 class Session:
     """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True,
-               input_shapes=None, weights="fp32", kernels="auto", max_programs=8)
+               input_shapes=None, weights="fp32", kernels="auto", max_programs=8,
+               arena_limit=None, streaming=True)
 
     `input_shapes` ({name: shape}) fixes dynamic dimensions at creation and plans
     the arena then; without it, each new input shape is planned on first use.
@@ -80,6 +81,13 @@ class Session:
     `providers` and `sess_options` are accepted for drop-in compatibility with
     onnxruntime: qnrt has one provider, its own CPU kernels, and a provider or
     thread count it cannot honour is named in one IgnoredOptionWarning.
+
+    `arena_limit` (bytes) picks the fastest schedule whose activation arena
+    fits, streaming more of the network band by band (qnrt.streaming); if none
+    fits, preparing raises ArenaLimitError naming the smallest arena reachable.
+    Without it, the lowest-peak schedule that costs at most a few percent of
+    speed runs. `streaming=False` runs every node whole (the unfused plan);
+    outputs are bit-identical either way.
 
     `max_programs` bounds the per-shape program cache (each holds its arena):
     past it, the least recently used program is dropped, so a stream of
@@ -100,9 +108,15 @@ class Session:
 
     def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True,
                  input_shapes: dict | None = None, weights: str = "fp32", kernels="auto",
-                 max_programs: int = 8):
+                 max_programs: int = 8, arena_limit: int | None = None,
+                 streaming: bool = True):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', not {weights!r}")
+        if arena_limit is not None and (isinstance(arena_limit, bool)
+                                        or not isinstance(arena_limit, int) or arena_limit < 1):
+            raise ValueError(f"arena_limit must be a positive number of bytes, not {arena_limit!r}")
+        self._arena_limit = arena_limit
+        self._streaming = bool(streaming)
         if not isinstance(max_programs, int) or max_programs < 1:
             raise ValueError(f"max_programs must be a positive int, not {max_programs!r}")
         _warn_ignored(sess_options, providers)
@@ -202,14 +216,16 @@ class Session:
             self._programs.move_to_end(key)
         else:
             self._programs[key] = compile_program(self._graph, self._consts, shapes,
-                                                  self._kernel_choice)
+                                                  self._kernel_choice, streaming=self._streaming,
+                                                  arena_limit=self._arena_limit)
             while len(self._programs) > self._max_programs:
                 self._programs.popitem(last=False)
         return self._programs[key]
 
     def kernel_names(self, input_shapes: dict | None = None) -> list[tuple[str, str]]:
-        """(node name, kernel variant) of every step at these input shapes."""
-        return [(s.node_name, s.kernel.name) for s in self.prepare(input_shapes).steps]
+        """(node name, kernel variant) of every node at these input shapes (a
+        streamed group's nodes each with their own variant)."""
+        return [m for s in self.prepare(input_shapes).steps for m in s.members]
 
     def _concrete_input_shapes(self, given: dict) -> dict:
         """Given shapes, else the model's; a symbolic dimension defaults to 1, or for

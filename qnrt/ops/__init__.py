@@ -27,6 +27,11 @@ The contract every op family fulfils (see docs/architecture.md):
                   (Reshape, Flatten, Identity); the planner gives both one buffer.
     inplace=True: the kernel may write its output over input 0 when shapes
                   match and input 0 dies here (elementwise ops).
+    rows(spec) -> RowWindow | None                            (optional)
+                  How output rows (NCHW axis 2) read input rows, for ops that
+                  can run band by band (qnrt.streaming); a variant that gives
+                  its Kernel a row_block computes every element of a band
+                  exactly as it does in a whole run.
 """
 from __future__ import annotations
 
@@ -41,10 +46,47 @@ from ..graph import GraphError, Node
 @dataclass(frozen=True)
 class Kernel:
     """What one step runs: `run(ins, outs, workspace)` plus its scratch bytes.
-    `name` is the variant that built it (set by OpDef.prepare)."""
+    `name` is the variant that built it (set by OpDef.prepare).
+
+    row_block > 0 says the kernel is band-invariant: run on a window of input
+    rows (same pads, fewer rows), every output row whose taps all lie in the
+    window or in the real padding comes out bit-identical to the whole run,
+    provided the window's first output row is a multiple of row_block (the
+    kernel's internal blocking, e.g. one BLAS call per row_block rows).
+    0: the arithmetic depends on the whole extent (not streamable).
+    strided_input: input 0 may be a view of some rows of a larger (N, C, H, W)
+    array (it is read only through NumPy/BLAS, which take strides).
+    inplace: outs[0] may be ins[0]'s memory when their shapes match (the
+    kernel copies what it still needs into its workspace first); the
+    compiler then lets the output take over an input that dies at this step.
+    band_pads: a row's arithmetic does not depend on whether rows beyond its
+    taps are padding, so a band kernel may be built with the band's own row
+    pads (no rows computed and dropped).
+    run_rows(ins, outs, workspace, r0, r1): run() computing only output rows
+    [r0, r1) (the rest of outs[0] is left as it was), for kernels that drop
+    rows in a band."""
     run: Callable
     workspace: int = 0  # bytes
     name: str = ""
+    row_block: int = 0
+    strided_input: bool = False
+    inplace: bool = False
+    band_pads: bool = False
+    run_rows: Callable | None = None
+
+
+@dataclass(frozen=True)
+class RowWindow:
+    """Output row o of an op reads input rows o * stride - pad_begin + [0, extent)
+    (rows outside the input are the op's padding). `pads`: the op's resolved
+    ONNX pads, which the kernels for a band of rows are built with (so that
+    auto_pad is not re-resolved for fewer rows); `taps`: input values read per
+    output value (the schedule's work estimate)."""
+    extent: int
+    stride: int
+    pad_begin: int
+    pads: tuple = ()
+    taps: int = 1
 
 
 @dataclass(frozen=True)
@@ -84,6 +126,7 @@ class OpDef:
     analyse: Callable = _node_spec
     alias: bool = False
     inplace: bool = False
+    rows: Callable | None = None  # spec -> RowWindow | None
 
     @property
     def reference(self) -> Variant:
@@ -165,11 +208,12 @@ _MODULE_OF = {op: mod for mod, ops in OP_MODULES.items() for op in ops}
 SUPPORTED_OPS = frozenset(_MODULE_OF)  # known without importing a kernel (or numba)
 
 
-def register(names, infer, variants, analyse=None, alias=False, inplace=False):
+def register(names, infer, variants, analyse=None, alias=False, inplace=False, rows=None):
     if not variants or not variants[-1].is_reference:
         raise ValueError(f"{names}: the last variant must be the reference")
     for name in ([names] if isinstance(names, str) else names):
-        REGISTRY[name] = OpDef(name, infer, list(variants), analyse or _node_spec, alias, inplace)
+        REGISTRY[name] = OpDef(name, infer, list(variants), analyse or _node_spec, alias, inplace,
+                               rows)
 
 
 def _load_all():

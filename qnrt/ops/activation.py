@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ACTIVATIONS, Kernel, Variant, register
+from . import ACTIVATIONS, Kernel, RowWindow, Variant, register
 from ._common import (ACT_CODES, activation_params, bcast_strides, binary6, broadcast_shapes,
                       c_strides, coalesce, const_of, fail, has_input, njit, numba_const, unary)
 from ._reference import activation
@@ -84,12 +84,12 @@ def _build_flat(s: ActivationSpec) -> Kernel:
             a = lo if lo is not None else float(ins[1].reshape(-1)[0])
             b = hi if hi is not None else float(ins[2].reshape(-1)[0])
             unary(ins[0].reshape(-1), outs[0].reshape(-1), code, a, b)
-        return Kernel(run)
+        return Kernel(run, row_block=1)
     a, b, size = s.a, s.b, s.size
 
     def run(ins, outs, workspace):
         unary(ins[0].reshape(size), outs[0].reshape(size), code, a, b)
-    return Kernel(run)
+    return Kernel(run, row_block=1)
 
 
 # --- activation.prelu6 -------------------------------------------------------------
@@ -110,7 +110,7 @@ def _build_silu(s: ActivationSpec) -> Kernel:
 
     def run(ins, outs, workspace):
         _silu(cx if cx is not None else ins[0].reshape(size), outs[0].reshape(size))
-    return Kernel(run)
+    return Kernel(run, row_block=1)
 
 
 @njit(cache=True)
@@ -138,12 +138,17 @@ def _build_reference(s: ActivationSpec) -> Kernel:
     return Kernel(run)
 
 
+def rows(s: ActivationSpec) -> RowWindow | None:
+    """Elementwise: row o reads row o (PRelu's broadcast slope is not streamed)."""
+    return RowWindow(1, 1, 0) if s.op != "PRelu" and s.cx is None else None
+
+
 REFERENCE = Variant("activation.reference", _build_reference)
 FLAT = Variant("activation.flat", _build_flat)
 
 register([a for a in ACTIVATIONS if a not in ("PRelu", "SiLU")], infer, [FLAT, REFERENCE],
-         analyse=analyse, inplace=True)
+         analyse=analyse, inplace=True, rows=rows)
 register("PRelu", infer, [Variant("activation.prelu6", _build_prelu6), REFERENCE],
-         analyse=analyse, inplace=True)
+         analyse=analyse, inplace=True, rows=rows)
 register("SiLU", infer, [Variant("activation.silu", _build_silu), REFERENCE],
-         analyse=analyse, inplace=True)
+         analyse=analyse, inplace=True, rows=rows)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import Kernel, Variant, register
+from . import Kernel, RowWindow, Variant, register
 from ._common import attr_ints, fail, njit, valid_range as _valid, window_geometry
 
 # A max over a window that lies entirely in the padding: ONNX Runtime (and so
@@ -92,7 +92,7 @@ def _build_max2x2(s: PoolSpec) -> Kernel:
 
     def run(ins, outs, workspace):  # QuickNet's pool: one pass per output row
         _max2x2(ins[0].reshape(-1, h, w), outs[0].reshape(-1, oh, ow))
-    return Kernel(run)
+    return Kernel(run, row_block=1, band_pads=True)
 
 
 @njit(cache=True)
@@ -113,7 +113,7 @@ def _build_window(s: PoolSpec) -> Kernel:
 
     def run(ins, outs, workspace):
         _pool(ins[0], outs[0], kh, kw, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w)
-    return Kernel(run)
+    return Kernel(run, row_block=1, band_pads=True)
 
 
 @njit(cache=True)
@@ -190,8 +190,13 @@ def _build_reference(s: PoolSpec) -> Kernel:
     return Kernel(run)
 
 
+def rows(s: PoolSpec) -> RowWindow:
+    return RowWindow((s.kernel[0] - 1) * s.dilations[0] + 1, s.strides[0], s.begin[0],
+                     pads=tuple(s.begin) + tuple(s.end), taps=s.kernel[0] * s.kernel[1])
+
+
 register(["MaxPool", "AveragePool"], infer, [
     Variant("pool.max2x2", _build_max2x2, _is_max2x2),
     Variant("pool.window", _build_window),
     Variant("pool.reference", _build_reference),
-], analyse=analyse)
+], analyse=analyse, rows=rows)

@@ -28,7 +28,7 @@ from functools import cached_property
 import numpy as np
 
 from ...graph import Node
-from .. import Variant, register
+from .. import RowWindow, Variant, register
 from .._common import const_of, fail, numba_const
 from . import depthwise, im2col, pointwise, reference
 from .epilogue import Epilogue, conv_epilogue
@@ -109,4 +109,10 @@ VARIANTS = [
     Variant("conv.reference", reference.build_reference),
 ]
 
-register("Conv", infer, VARIANTS, analyse=analyse)
+def rows(spec: ConvSpec) -> RowWindow:
+    g = spec.geometry
+    return RowWindow((g.kh - 1) * g.dilations[0] + 1, g.strides[0], g.pads_begin[0],
+                     pads=tuple(g.pads_begin) + tuple(g.pads_end), taps=g.cg * g.kh * g.kw)
+
+
+register("Conv", infer, VARIANTS, analyse=analyse, rows=rows)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import Kernel
-from .._common import act_row, act_vec, njit, numba_const
+from .._common import act_row, act_vec, njit, numba_const, same_memory
 from .._common import valid_range as _valid
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -64,7 +64,7 @@ def build_nhwc(spec) -> Kernel:
         _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
                  slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
                  ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b)
-    return Kernel(run, workspace=nhwc_bytes)
+    return Kernel(run, workspace=nhwc_bytes, row_block=1, inplace=True, band_pads=True)  # x[n] read first
 
 
 def _nhwc_taps(h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
@@ -152,7 +152,7 @@ def build_dw3x3_padded(spec) -> Kernel:
         ws = workspace[:pad_bytes].view(np.float32)
         _dw3x3_padded(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
                       kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:])
-    return Kernel(run, workspace=pad_bytes)
+    return Kernel(run, workspace=pad_bytes, row_block=1, inplace=True)  # each plane copied first
 
 
 @njit(cache=True)
@@ -212,83 +212,112 @@ def build_dw3x3_plane(spec) -> Kernel:
     wd, mult = _depthwise_weights(spec), g.multiplier
     zero = np.zeros(g.w, np.float32)  # the row above the first and below the last
     kind, a, b = epi.code, epi.a, epi.b
+    plane_bytes = FLOAT * g.h * g.w if mult == 1 else 0  # the in-place copy of one plane
+
+    def run_rows(ins, outs, workspace, r0, r1):
+        bias, slope = epi.operands(ins)
+        w = wd if wd is not None else ins[1]
+        if plane_bytes and same_memory(ins[0], outs[0]):
+            _dw3x3_inplace(outs[0], w, bias, slope, kind, a, b, zero,
+                           workspace[:plane_bytes].view(np.float32).reshape(g.h, g.w))
+        else:
+            _dw3x3(ins[0], w, bias, slope, outs[0], mult, kind, a, b, zero, r0, r1)
 
     def run(ins, outs, workspace):
-        bias, slope = epi.operands(ins)
-        _dw3x3(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
-               kind, a, b, zero)
-    return Kernel(run)
+        run_rows(ins, outs, workspace, 0, g.h)
+    return Kernel(run, workspace=plane_bytes, row_block=1, inplace=mult == 1,
+                  run_rows=run_rows)
 
 
 @njit(cache=True)
-def _dw3x3(x, w, bias, slope, y, mult, kind, a, b, zero):
-    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane;
-    zero: W zeros (the padding rows)."""
+def _dw3x3(x, w, bias, slope, y, mult, kind, a, b, zero, r0, r1):
+    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane,
+    output rows [r0, r1) only; zero: W zeros (the padding rows)."""
     for n in range(x.shape[0]):
         for m in range(y.shape[1]):
             _dw3x3_plane(x[n, m // mult], y[n, m], w[m, 0], bias[m], slope[m], zero,
-                         kind, a, b)
+                         kind, a, b, r0, r1)
 
 
 @njit(cache=True)
-def _dw3x3_plane(xc, yc, k, bm, s, zero, kind, a, b):
-    """One (H, W >= 2) plane. Rows 1 .. H-2 are one flat loop over the plane
-    (long, so it vectorizes well even for narrow images; its first and last
-    columns wrap around to the neighbouring rows and are redone after), then
-    rows 0 and H-1 against a zero row. PRelu/LeakyRelu run inside the loops,
-    other activations as one pass over the plane while it is in cache."""
+def _dw3x3_inplace(y, w, bias, slope, kind, a, b, zero, plane):
+    """_dw3x3 over its own input (multiplier 1): each plane is copied to
+    `plane`, then computed from there over itself (TinyEngine's in-place
+    depthwise: one plane of scratch instead of a second tensor)."""
+    for n in range(y.shape[0]):
+        for m in range(y.shape[1]):
+            plane[:, :] = y[n, m]
+            _dw3x3_plane(plane, y[n, m], w[m, 0], bias[m], slope[m], zero, kind, a, b,
+                         0, plane.shape[0])
+
+
+@njit(cache=True)
+def _dw3x3_plane(xc, yc, k, bm, s, zero, kind, a, b, r0, r1):
+    """Output rows [r0, r1) of one (H, W >= 2) plane. Rows 1 .. H-2 are one
+    flat loop over the plane (long, so it vectorizes well even for narrow
+    images; its first and last columns wrap around to the neighbouring rows
+    and are redone after), then rows 0 and H-1 against a zero row.
+    PRelu/LeakyRelu run inside the loops, other activations as one pass over
+    the rows while they are in cache. A row is computed the same way whatever
+    [r0, r1) is, so a band (qnrt.streaming) matches the whole plane."""
     h, wd = xc.shape
-    hw, e = h * wd, wd - 1
-    xf, yf = xc.reshape(hw), yc.reshape(hw)
+    e = wd - 1
+    xf = xc.reshape(h * wd)
+    yf = yc.reshape(h * wd)
     w00, w01, w02, w10, w11, w12 = k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2]
     w20, w21, w22 = k[2, 0], k[2, 1], k[2, 2]
     leaky = kind == 2 or kind == 7
     sl = s if kind == 2 else np.float32(a)
-    if h > 2:
+    lo, hi = max(r0, 1), min(r1, h - 1)  # the interior rows wanted
+    if hi > lo:
         t0, t1, t2 = xf[0:], xf[1:], xf[2:]
         m0, m1, m2 = xf[wd:], xf[wd + 1:], xf[wd + 2:]
         b0, b1, b2 = xf[2 * wd:], xf[2 * wd + 1:], xf[2 * wd + 2:]
         o = yf[wd + 1:]
+        j0, j1 = (lo - 1) * wd, (hi - 1) * wd - 2  # o[j] is plane element wd + 1 + j
         if leaky:
-            for j in range((h - 2) * wd - 2):
+            for j in range(j0, j1):
                 v = bm + (w00 * t0[j] + w01 * t1[j] + w02 * t2[j]
                           + w10 * m0[j] + w11 * m1[j] + w12 * m2[j]
                           + w20 * b0[j] + w21 * b1[j] + w22 * b2[j])
                 o[j] = v if v >= 0 else v * sl
         else:
-            for j in range((h - 2) * wd - 2):
+            for j in range(j0, j1):
                 o[j] = bm + (w00 * t0[j] + w01 * t1[j] + w02 * t2[j]
                              + w10 * m0[j] + w11 * m1[j] + w12 * m2[j]
                              + w20 * b0[j] + w21 * b1[j] + w22 * b2[j])
-        for i in range(1, h - 1):
-            r0, r1, r2 = xc[i - 1], xc[i], xc[i + 1]
-            v0 = bm + (w01 * r0[0] + w02 * r0[1] + w11 * r1[0] + w12 * r1[1]
-                       + w21 * r2[0] + w22 * r2[1])
-            ve = bm + (w00 * r0[e - 1] + w01 * r0[e] + w10 * r1[e - 1] + w11 * r1[e]
-                       + w20 * r2[e - 1] + w21 * r2[e])
+        for i in range(lo, hi):
+            ra, rb, rc = xc[i - 1], xc[i], xc[i + 1]
+            v0 = bm + (w01 * ra[0] + w02 * ra[1] + w11 * rb[0] + w12 * rb[1]
+                       + w21 * rc[0] + w22 * rc[1])
+            ve = bm + (w00 * ra[e - 1] + w01 * ra[e] + w10 * rb[e - 1] + w11 * rb[e]
+                       + w20 * rc[e - 1] + w21 * rc[e])
             if leaky:
                 v0 = v0 if v0 >= 0 else v0 * sl
                 ve = ve if ve >= 0 else ve * sl
             yc[i, 0], yc[i, e] = v0, ve
     for i in (0, h - 1):
-        r0 = xc[i - 1] if i > 0 else zero
-        r1 = xc[i]
-        r2 = xc[i + 1] if i + 1 < h else zero
+        if i < r0 or i >= r1:
+            continue
+        ra = xc[i - 1] if i > 0 else zero
+        rb = xc[i]
+        rc = xc[i + 1] if i + 1 < h else zero
         out = yc[i]
-        out[0] = bm + (w01 * r0[0] + w02 * r0[1] + w11 * r1[0] + w12 * r1[1]
-                       + w21 * r2[0] + w22 * r2[1])
-        out[e] = bm + (w00 * r0[e - 1] + w01 * r0[e] + w10 * r1[e - 1] + w11 * r1[e]
-                       + w20 * r2[e - 1] + w21 * r2[e])
-        o, a0, a1, a2 = out[1:], r0[1:], r1[1:], r2[1:]
-        b0, b1, b2 = r0[2:], r1[2:], r2[2:]
+        out[0] = bm + (w01 * ra[0] + w02 * ra[1] + w11 * rb[0] + w12 * rb[1]
+                       + w21 * rc[0] + w22 * rc[1])
+        out[e] = bm + (w00 * ra[e - 1] + w01 * ra[e] + w10 * rb[e - 1] + w11 * rb[e]
+                       + w20 * rc[e - 1] + w21 * rc[e])
+        o, a0, a1, a2 = out[1:], ra[1:], rb[1:], rc[1:]
+        c0, c1, c2 = ra[2:], rb[2:], rc[2:]
         for j in range(wd - 2):
-            o[j] = bm + (w00 * r0[j] + w01 * a0[j] + w02 * b0[j]
-                         + w10 * r1[j] + w11 * a1[j] + w12 * b1[j]
-                         + w20 * r2[j] + w21 * a2[j] + w22 * b2[j])
+            o[j] = bm + (w00 * ra[j] + w01 * a0[j] + w02 * c0[j]
+                         + w10 * rb[j] + w11 * a1[j] + w12 * c1[j]
+                         + w20 * rc[j] + w21 * a2[j] + w22 * c2[j])
         if leaky:
             act_row(out, np.float32(0), sl, 2, a, b)
     if not leaky and kind != 0:
-        act_row(yf, np.float32(0), s, kind, a, b)
+        for i in range(r0, r1):
+            act_row(yc[i], np.float32(0), s, kind, a, b)
 
 
 # --- conv.depthwise.rows ------------------------------------------------------
@@ -307,7 +336,7 @@ def build_rows(spec) -> Kernel:
         bias, slope = epi.operands(ins)
         _depthwise(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
                    sh, sw, ph, pw, dh, dw, kind, a, b)
-    return Kernel(run)
+    return Kernel(run, row_block=1, band_pads=True)
 
 
 @njit(cache=True)

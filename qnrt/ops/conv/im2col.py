@@ -1,6 +1,8 @@
 """conv.im2col: any group, window, stride, pad and dilation. im2col over
-tiles of output columns in the workspace, one matmul per group and tile,
-then the epilogue on the tile while it is in cache."""
+tiles of whole output rows in the workspace, one matmul per group and tile,
+then the epilogue on the tile while it is in cache. The rows per tile depend
+only on the window and the width, so a band of rows starting at a multiple
+of them (qnrt.streaming) makes the same BLAS calls as the whole image."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +14,7 @@ from .._common import valid_range as _valid
 FLOAT = np.dtype(np.float32).itemsize
 WORKSPACE_BUDGET = 256 * 1024  # bytes of im2col columns per tile
 MIN_TILE = 64  # columns; BLAS gets inefficient below this
+MAX_TILE = 512  # columns: as fast as larger tiles, and short bands for streaming
 
 
 def tile_columns(rows: int, columns: int) -> int:
@@ -19,12 +22,18 @@ def tile_columns(rows: int, columns: int) -> int:
     return min(columns, max(MIN_TILE, WORKSPACE_BUDGET // (FLOAT * rows)))
 
 
+def tile_rows(rows: int, width: int) -> int:
+    """Whole output rows per im2col tile of `rows` im2col rows."""
+    return max(1, min(MAX_TILE, max(MIN_TILE, WORKSPACE_BUDGET // (FLOAT * rows))) // width)
+
+
 def build_im2col(spec) -> Kernel:
     g, epi = spec.geometry, spec.epilogue
     n, cout, group, kh, kw, ow = g.n, g.cout, g.group, g.kh, g.kw, g.ow
     (sh, sw), (dh, dw), (ph, pw) = g.strides, g.dilations, g.pads_begin
     cg, mg, kk, ohw = g.cg, cout // group, g.cg * kh * kw, g.ohw
-    tile = tile_columns(kk, ohw)
+    block = tile_rows(kk, ow)
+    tile = min(block, g.oh) * ow
     wg = spec.weights.reshape(group, mg, kk) if spec.has_const_weights else None
     kind, a, b, active = epi.code, epi.a, epi.b, epi.active
 
@@ -42,7 +51,7 @@ def build_im2col(spec) -> Kernel:
                     np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
                 if active:
                     epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
-    return Kernel(run, workspace=FLOAT * kk * tile)
+    return Kernel(run, workspace=FLOAT * kk * tile, row_block=block, band_pads=True)
 
 
 @njit(cache=True)

@@ -6,14 +6,18 @@
 - conv.pointwise.batched: a batch of small images, which one matmul per image
   would give too few columns and make re-read W: chunks of images are
   gathered into one (Cin, images * HW) matmul in the workspace;
-- conv.pointwise.gemm: one BLAS matmul per image, then the epilogue.
+- conv.pointwise.gemm: BLAS matmuls over blocks of whole rows (about
+  GEMM_BLOCK_COLS columns each), each followed by the epilogue while the
+  block is in cache. A BLAS result depends on the matrix extent, so fixed
+  row blocks are also what makes a band of rows (qnrt.streaming) compute
+  exactly what the whole run does.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import Kernel
-from .._common import act_row, act_vec, epilogue, njit
+from .._common import act_row, act_vec, epilogue, njit, same_memory
 
 FLOAT = np.dtype(np.float32).itemsize
 SKINNY_COLS = 4  # columns (N * H * W) the skinny kernel handles ...
@@ -21,6 +25,7 @@ SKINNY_MIN_WEIGHTS = 256 * 256  # ... where W has this many weights (else BLAS i
 BATCH_MAX_HW = 32  # batches of images this small share one matmul ...
 BATCH_COLS = 256  # ... of about this many columns
 BATCH_WS_BYTES = 1024 * 1024  # ... within this workspace (gathered X and the product)
+GEMM_BLOCK_COLS = 256  # columns per matmul of conv.pointwise.gemm (as fast as whole planes)
 
 
 # --- conv.pointwise.skinny ----------------------------------------------------
@@ -54,7 +59,7 @@ def build_skinny(spec) -> Kernel:
                    ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
                    ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, cout),
                    outs[0].reshape(n, cout, hw), bias, slope, kind, a, b)
-    return Kernel(run, workspace=ws_bytes)
+    return Kernel(run, workspace=ws_bytes, row_block=1, band_pads=True)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
@@ -176,18 +181,41 @@ def gemm_applies(spec) -> bool:
     return spec.geometry.is_pointwise
 
 
+def gemm_block_rows(width: int) -> int:
+    """Rows per matmul: fixed by the width alone, so a band of rows starting at
+    a multiple of it makes the same BLAS calls as the whole plane."""
+    return max(1, -(-GEMM_BLOCK_COLS // width))
+
+
 def build_gemm(spec) -> Kernel:
     g, epi = spec.geometry, spec.epilogue
-    n, cin, cout, hw = g.n, g.cin, g.cout, g.hw
+    n, cin, cout, hw, w = g.n, g.cin, g.cout, g.hw, g.w
     w2 = spec.weights.reshape(cout, cin) if spec.has_const_weights else None
     kind, a, b, active = epi.code, epi.a, epi.b, epi.active
+    rows = gemm_block_rows(w)
+    blocks = [(r0 * w, min(g.h, r0 + rows) * w) for r0 in range(0, g.h, rows)]
+    # over its own input (Cin == Cout): each block's input is copied out first
+    scratch = FLOAT * cin * min(rows, g.h) * w if cin == cout else 0
 
     def run(ins, outs, workspace):
         x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
         wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
         bias, slope = epi.operands(ins)
+        inplace = scratch and same_memory(ins[0], outs[0])
         for i in range(n):
-            np.matmul(wm, x3[i], out=y3[i])
-            if active:
-                epilogue(y3[i], 0, cout, 0, hw, bias, slope, kind, a, b)
-    return Kernel(run)
+            xi, yi = x3[i], y3[i]
+            for t0, t1 in blocks:
+                xb = xi[:, t0:t1]
+                if inplace:
+                    xb = _copy_block(xb, workspace[:FLOAT * cin * (t1 - t0)].view(np.float32)
+                                     .reshape(cin, t1 - t0))
+                np.matmul(wm, xb, out=yi[:, t0:t1])
+                if active:
+                    epilogue(yi, 0, cout, t0, t1, bias, slope, kind, a, b)
+    return Kernel(run, workspace=scratch, row_block=rows, strided_input=True,
+                  inplace=bool(scratch), band_pads=True)
+
+
+def _copy_block(src, dst):
+    np.copyto(dst, src)
+    return dst
