@@ -250,8 +250,10 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
             bad, done = None, []
             for group in sched.groups:
                 try:
-                    streaming.check_kernels(group)
-                    done.append(streaming.finalize(group))
+                    if group.program is None:
+                        streaming.check_kernels(group)
+                        group = streaming.finalize(group)
+                    done.append(group)
                 except (streaming.NotStreamable, GraphError):
                     bad = group
                     break

@@ -36,14 +36,18 @@ from .planner import Buffer, aligned, plan
 
 FLOAT = np.dtype(np.float32).itemsize
 BANDS = (1, 2, 4, 8, 16, 32, 64)  # output rows per band the schedule tries
-SPEED_BUDGET = 0.08  # default: the estimated extra time of all groups, of the plan's
+SPEED_BUDGET = 0.10  # default: the estimated extra time of all groups, of the plan's
 MAX_GROUP = 48  # ops per group (bounds the schedule search)
 SEARCH_FROM_BYTES = 1 << 20  # without an arena limit, smaller unfused arenas are kept as they are
 ESTIMATE_SCALE = 0.8  # simulate() / the workspace estimate, measured on QuickNet
 # The cost model: rough, for ranking schedules; tools/bench_memory.py measures.
 NS_PER_TAP = 0.03  # one multiply-add (most are BLAS's)
-NS_PER_BYTE = 0.1  # a row copied between band buffers
-NS_PER_CALL = 4000.0  # one band: a kernel call and its copies, from Python
+NS_PER_BYTE = 0.05  # a row copied between band buffers
+NS_PER_CALL = 6000.0  # one band's kernel call, from Python
+NS_PER_COPY = 5000.0  # one copy between band buffers, from Python
+COPIES_PER_BAND = 1.5  # the estimate's (simulate() counts them)
+REFINE_ROUNDS = 8  # schedule picks checked by simulation
+SECOND_LOOKS = 8  # groups estimated just above the peak reached, simulated too
 
 
 @dataclass(frozen=True)
@@ -311,7 +315,7 @@ def _extra_ns(link: Link, st: BandStats) -> float:
     copies into windows, one call per band."""
     per_row = link.row_out_bytes // FLOAT * link.window.taps
     return (st.extra_rows * per_row * NS_PER_TAP + st.copied_rows * link.row_in_bytes * NS_PER_BYTE
-            + st.calls * NS_PER_CALL)
+            + st.calls * (NS_PER_CALL + COPIES_PER_BAND * NS_PER_COPY))
 
 
 def _last_ns(link: Link) -> float:
@@ -538,7 +542,18 @@ def finalize(choice: GroupChoice) -> GroupChoice:
     program = simulate(choice)
     kernel_ws = max((link.kernel(b).workspace for link, rows in zip(choice.links, choice.rows)
                      for b in band_stats(link, rows).windows), default=0)
-    return dataclasses.replace(choice, program=program,
+    extra = 0.0  # the cost model, on the recorded actions
+    for action in program.actions:
+        if action[0] == "copy":
+            dst = action[1]
+            n, c, _, w = dst.shape if dst.shape else choice.links[-1].out_shape
+            extra += NS_PER_COPY + (dst.r1 - dst.r0) * n * c * w * FLOAT * NS_PER_BYTE
+        else:
+            extra += NS_PER_CALL
+    for link, rows in zip(choice.links, choice.rows):
+        st = band_stats(link, rows)
+        extra += st.extra_rows * link.row_out_bytes // FLOAT * link.window.taps * NS_PER_TAP
+    return dataclasses.replace(choice, program=program, extra_ns=extra,
                                workspace=aligned(FLOAT * program.workspace_floats)
                                + aligned(kernel_ws))
 
@@ -636,8 +651,28 @@ def choose_schedule(runs: list[list[Link]], live_bytes: list[int], step_tensors:
             others = max(sum(size for name, size in step_tensors[l.index] if name not in mine)
                          for l in run[a:b])
             whole = tensor_bytes[x0] + tensor_bytes[xm]
-            with_peak[a, b] = [(others + whole + c.workspace, c) for c in choices]
+            # [peak, choice, bytes besides the group's workspace]: refine() makes them exact
+            with_peak[a, b] = [[others + whole + c.workspace, c, others + whole] for c in choices]
         options.append(with_peak)
+    entry_of = {id(e[1]): e for opts in options for v in opts.values() for e in v}
+
+    def refine(groups) -> bool:
+        """Simulate the chosen groups not yet simulated (exact workspace and
+        cost); False if all were exact already."""
+        changed = False
+        for g in groups:
+            if g.program is not None:
+                continue
+            entry, changed = entry_of.pop(id(g)), True
+            try:
+                check_kernels(g)
+                exact = finalize(g)
+            except (NotStreamable, GraphError):  # cannot run exactly: never chosen again
+                entry[0] = float("inf")
+                continue
+            entry[0], entry[1] = entry[2] + exact.workspace, exact
+            entry_of[id(exact)] = entry
+        return changed
     in_runs = {l.index for run in runs for l in run}
     floor = max((live_bytes[i] for i in range(len(live_bytes)) if i not in in_runs), default=0)
 
@@ -654,7 +689,7 @@ def choose_schedule(runs: list[list[Link]], live_bytes: list[int], step_tensors:
                 if live_bytes[run[i].index] <= limit and cost[i] < cost[i + 1]:
                     cost[i + 1], back[i + 1] = cost[i], (i, None)
                 for k in range(i + 2, min(m, i + MAX_GROUP) + 1):
-                    for peak, choice in opts.get((i, k), ()):
+                    for peak, choice, _ in opts.get((i, k), ()):
                         if peak <= limit and cost[i] + choice.extra_ns < cost[k]:
                             cost[k], back[k] = cost[i] + choice.extra_ns, (i, choice)
             if cost[m] == float("inf"):
@@ -668,26 +703,51 @@ def choose_schedule(runs: list[list[Link]], live_bytes: list[int], step_tensors:
             total += cost[m]
         return groups, total
 
-    peaks = sorted({p for opts in options for v in opts.values() for p, _ in v}
-                   | {live_bytes[l.index] for run in runs for l in run} | {floor})
-    peaks = [p for p in peaks if p >= floor]
-    if arena_limit is not None:
-        found = best(arena_limit)
-        if found is None:
-            return Schedule((), -1)  # the caller reports the smallest reachable
-        return Schedule(tuple(sorted(found[0], key=lambda g: g.links[0].index)), arena_limit)
     allowed = (SPEED_BUDGET if budget is None else budget) * base
-    lo, hi = 0, len(peaks) - 1  # the largest peak streams nothing: always allowed
-    while lo < hi:
-        mid = (lo + hi) // 2
-        found = best(peaks[mid])
-        if found is not None and found[1] <= allowed:
-            hi = mid
-        else:
-            lo = mid + 1
-    found = best(peaks[lo])
-    groups = found[0] if found is not None and found[1] <= allowed else []
-    return Schedule(tuple(sorted(groups, key=lambda g: g.links[0].index)), peaks[lo])
+
+    def select() -> Schedule:
+        if arena_limit is not None:
+            found = best(arena_limit)
+            if found is None:
+                return Schedule((), -1)  # the caller reports the smallest reachable
+            return Schedule(tuple(sorted(found[0], key=lambda g: g.links[0].index)),
+                            arena_limit)
+        peaks = sorted({e[0] for e in entry_of.values() if e[0] != float("inf")}
+                       | {live_bytes[l.index] for run in runs for l in run} | {floor})
+        peaks = [p for p in peaks if p >= floor]
+        lo, hi = 0, len(peaks) - 1  # the largest peak streams nothing: always allowed
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = best(peaks[mid])
+            if found is not None and found[1] <= allowed:
+                hi = mid
+            else:
+                lo = mid + 1
+        found = best(peaks[lo])
+        groups = found[0] if found is not None and found[1] <= allowed else []
+        return Schedule(tuple(sorted(groups, key=lambda g: g.links[0].index)), peaks[lo])
+
+    def settle(sched: Schedule) -> Schedule:
+        for _ in range(REFINE_ROUNDS):  # estimates pick, simulation checks, until they agree
+            if not refine(sched.groups):
+                return sched
+            sched = select()
+        refine(sched.groups)
+        return Schedule(tuple(g for g in sched.groups if g.program is not None),
+                        sched.peak_estimate)
+
+    sched = settle(select())
+    if arena_limit is None and sched.groups:
+        # the estimates run high: simulate the groups that would lower the peak
+        # reached if their exact cost came in within budget, least costly first
+        chosen = {id(link) for g in sched.groups for link in g.links}
+        near = sorted((e for e in entry_of.values()
+                       if e[1].program is None and e[0] * ESTIMATE_SCALE < sched.peak_estimate
+                       and e[1].extra_ns * ESTIMATE_SCALE <= allowed
+                       and any(id(link) in chosen for link in e[1].links)), key=lambda e: e[0])
+        if refine([e[1] for e in near[:SECOND_LOOKS]]):
+            sched = settle(select())
+    return sched
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,13 @@ def tile_columns(rows: int, columns: int) -> int:
 
 
 def tile_rows(rows: int, width: int) -> int:
-    """Whole output rows per im2col tile of `rows` im2col rows."""
-    return max(1, min(MAX_TILE, max(MIN_TILE, WORKSPACE_BUDGET // (FLOAT * rows))) // width)
+    """Whole output rows per im2col tile of `rows` im2col rows: a power of two
+    (see pointwise.gemm_block_rows)."""
+    cols = min(MAX_TILE, max(MIN_TILE, WORKSPACE_BUDGET // (FLOAT * rows)))
+    n = 1
+    while 2 * n * width <= cols:
+        n *= 2
+    return n
 
 
 def build_im2col(spec) -> Kernel:

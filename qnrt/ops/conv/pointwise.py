@@ -183,8 +183,12 @@ def gemm_applies(spec) -> bool:
 
 def gemm_block_rows(width: int) -> int:
     """Rows per matmul: fixed by the width alone, so a band of rows starting at
-    a multiple of it makes the same BLAS calls as the whole plane."""
-    return max(1, -(-GEMM_BLOCK_COLS // width))
+    a multiple of it makes the same BLAS calls as the whole plane; a power of
+    two, so that bands halved by stride-2 pools stay whole blocks."""
+    rows = 1
+    while rows * width < GEMM_BLOCK_COLS:
+        rows *= 2
+    return rows
 
 
 def build_gemm(spec) -> Kernel:
