@@ -80,16 +80,17 @@ def exercise(graph, input_shapes: dict, rng) -> int:
         in_shapes = [program.shapes[t] if t else None for t in node.inputs]
         out_shapes = [program.shapes[t] for t in node.outputs]
         spec = op.spec(node, in_shapes, out_shapes, consts)
-        saved = [o.copy() for o in step.outputs]
         for v in op.applicable(spec):
             if v.is_reference:
                 continue
             k = op.build(node, spec, variant=v.name)
-            k.run(step.inputs, step.outputs, aligned_empty(k.workspace) if k.workspace else None)
+            # its own copies: a step may run in place, over the input the next variant reads
+            xs = [a.copy() if isinstance(a, np.ndarray) and a.flags.writeable else a
+                  for a in step.inputs]
+            ys = [np.empty_like(o) for o in step.outputs]
+            k.run(xs, ys, aligned_empty(k.workspace) if k.workspace else None)
             runs += 1
-        for o, s in zip(step.outputs, saved):  # the auto variant's answer, for the next node
-            o[...] = s
-        step.kernel.run(step.inputs, step.outputs, step.workspace)
+        step.kernel.run(step.inputs, step.outputs, step.workspace)  # the auto variant, in place
     try:  # streamed bands run the same kernels on fewer rows: the lowest-arena plan
         streamed = smallest_program(graph, consts, input_shapes)
     except GraphError:

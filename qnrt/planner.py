@@ -5,7 +5,8 @@ at which each buffer is first written and last read.
 Offsets are assigned greedy-by-size (Pisarchyk & Lee, 2020; TFLite's
 GreedyMemoryPlanner): largest buffer first, each placed at the lowest
 aligned offset that does not collide with an already placed buffer whose
-lifetime overlaps.
+lifetime overlaps. The same first fit in greedy-by-breadth order (buffers of
+the largest live sets first) is tried too, and the smaller arena kept.
 """
 from __future__ import annotations
 
@@ -45,28 +46,62 @@ def _overlap(a: Buffer, b: Buffer) -> bool:
 
 
 def plan(buffers: list[Buffer], steps: int) -> Plan:
-    """Offsets for `buffers` over steps -1 .. steps - 1 (see the module doc).
+    """Offsets for `buffers` over steps -1 .. steps - 1 (see the module doc):
+    greedy by size, and greedy by size within the largest live sets first
+    (greedy by breadth); the smaller arena wins."""
+    by_size = sorted(buffers, key=lambda b: (-b.size, b.first, b.name))
+    best = _place(by_size, steps)
+    if len(buffers) <= BREADTH_MAX_BUFFERS:
+        load = [0] * (steps + 2)
+        for b in buffers:
+            for s in range(max(b.first, -1), min(b.last, steps - 1) + 1):
+                load[s + 1] += b.size
+        by_breadth = sorted(buffers, key=lambda b: (
+            -max(load[max(b.first, -1) + 1:min(b.last, steps - 1) + 2], default=0),
+            -b.size, b.first, b.name))
+        offsets = _place(by_breadth, steps)
+        if _arena(buffers, offsets) < _arena(buffers, best):
+            best = offsets
+    for b in buffers:
+        b.offset = best[id(b)]
+    return _summary(buffers, steps)
 
-    Clashes are looked up in buckets of steps, so a plan of thousands of
-    short-lived buffers (a streamed group's bands) stays fast."""
+
+BREADTH_MAX_BUFFERS = 4096  # the second order's live-set scan is O(buffers x steps)
+
+
+def _arena(buffers, offsets) -> int:
+    return max((aligned(offsets[id(b)] + b.size) for b in buffers), default=0)
+
+
+def _place(order: list[Buffer], steps: int) -> dict[int, int]:
+    """First fit in `order`: each buffer at the lowest aligned offset clear of
+    the placed buffers whose lifetimes overlap its own. Clashes are looked up
+    in buckets of steps, so thousands of short-lived buffers (a streamed
+    group's bands) stay fast."""
     width = max(1, (steps + 1) // 512)
 
     def span(b):  # the buckets a buffer's lifetime touches
         return range((b.first + 1) // width, (min(b.last, steps) + 1) // width + 1)
 
     buckets: dict[int, list[Buffer]] = {}
-    # ties broken by earlier start so the plan is deterministic
-    for buf in sorted(buffers, key=lambda b: (-b.size, b.first, b.name)):
+    offsets: dict[int, int] = {}
+    for buf in order:
         near = {id(p): p for k in span(buf) for p in buckets.get(k, ())}
-        clashes = sorted((p for p in near.values() if _overlap(p, buf)), key=lambda p: p.offset)
+        clashes = sorted((p for p in near.values() if _overlap(p, buf)),
+                         key=lambda p: offsets[id(p)])
         offset = 0
         for p in clashes:
-            if offset + buf.size <= p.offset:
+            if offset + buf.size <= offsets[id(p)]:
                 break  # fits in the gap before p
-            offset = max(offset, aligned(p.offset + p.size))
-        buf.offset = offset
+            offset = max(offset, aligned(offsets[id(p)] + p.size))
+        offsets[id(buf)] = offset
         for k in span(buf):
             buckets.setdefault(k, []).append(buf)
+    return offsets
+
+
+def _summary(buffers: list[Buffer], steps: int) -> Plan:
     arena = max((aligned(b.offset + b.size) for b in buffers), default=0)
     live: list[list[str]] = [[] for _ in range(steps + 1)]
     for b in buffers:

@@ -323,6 +323,13 @@ def _last_ns(link: Link) -> float:
     return link.out_shape[2] * link.row_out_bytes * NS_PER_BYTE
 
 
+def _kernel_ws(link: Link, st: BandStats) -> int:
+    """A band kernel's workspace, estimated: most scale with the rows they
+    see (NHWC copies, padded planes), none exceeds the whole run's."""
+    rows = link.in_shape[2]
+    return min(link.workspace, -(-link.workspace * st.window_rows // rows) + 4096)
+
+
 def _estimate(held: int, transient: int, kernel_ws: int) -> int:
     return int(ESTIMATE_SCALE * (held + transient)) + aligned(kernel_ws)
 
@@ -338,7 +345,7 @@ def group_choice(links: list[Link], band: int, stats: Stats,
         return None
     held = sum(_held(link, per_op[k - 1]) for k, link in enumerate(links) if k)
     transient = max(_transient(link, st) for link, st in zip(links, per_op))
-    kernel_ws = max(link.workspace for link in links)
+    kernel_ws = max(_kernel_ws(link, st) for link, st in zip(links, per_op))
     extra = sum(_extra_ns(link, st) for link, st in zip(links, per_op)) + _last_ns(links[-1])
     return GroupChoice(tuple(links), band, rows, _estimate(held, transient, kernel_ws), extra)
 
@@ -601,13 +608,14 @@ def _candidates(run: list[Link], stats: Stats) -> dict:
             if st[a] is None:
                 continue
             held, transient = 0, _transient(run[a], st[a])
-            kernel_ws, extra = run[a].workspace, _extra_ns(run[a], st[a])
+            kernel_ws, extra = _kernel_ws(run[a], st[a]), _extra_ns(run[a], st[a])
             for b in range(a + 1, min(m, a + MAX_GROUP)):
                 if st[b] is None:
                     break
                 held += _held(run[b], st[b - 1])
                 transient = max(transient, _transient(run[b], st[b]))
-                kernel_ws, extra = max(kernel_ws, run[b].workspace), extra + _extra_ns(run[b], st[b])
+                kernel_ws = max(kernel_ws, _kernel_ws(run[b], st[b]))
+                extra += _extra_ns(run[b], st[b])
                 add(a, b, band, rows, st, held, transient, kernel_ws, extra)
         for b in range(1, m):  # cadence: each op's rows follow from the group's last op
             lo = max(0, b - MAX_GROUP + 1)
@@ -616,13 +624,14 @@ def _candidates(run: list[Link], stats: Stats) -> dict:
             if st[b] is None:
                 continue
             held, transient = 0, _transient(run[b], st[b])
-            kernel_ws, extra = run[b].workspace, _extra_ns(run[b], st[b])
+            kernel_ws, extra = _kernel_ws(run[b], st[b]), _extra_ns(run[b], st[b])
             for a in range(b - 1, lo - 1, -1):
                 if st[a] is None:
                     break
                 held += _held(run[a + 1], st[a])
                 transient = max(transient, _transient(run[a], st[a]))
-                kernel_ws, extra = max(kernel_ws, run[a].workspace), extra + _extra_ns(run[a], st[a])
+                kernel_ws = max(kernel_ws, _kernel_ws(run[a], st[a]))
+                extra += _extra_ns(run[a], st[a])
                 add(a, b, band, rows, st, held, transient, kernel_ws, extra)
     return out
 

@@ -85,12 +85,13 @@ def test_info_reports_graph_and_arena(small_model, capsys):
 
 def test_memplan_report(small_model):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memplan.py"), small_model,
-                          "--input-shape", "2,3,64,64", "--json"],
+                          "--input-shape", "2,3,64,64", "--json", "--no-streaming"],
                          capture_output=True, text=True, check=True).stdout
     r = json.loads(out)
     assert r["input_shapes"] == {"input": [2, 3, 64, 64]}
     assert r["lower_bound_bytes"] == max(s["live_bytes"] for s in r["steps"])
     assert r["lower_bound_bytes"] <= r["arena_bytes"] <= r["naive_bytes"]
+    assert r["arena_bytes"] == r["unfused_arena_bytes"] and r["groups"] == []
     text = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memplan.py"), small_model],
                           capture_output=True, text=True, check=True).stdout
     assert "lower bound" in text and "arena / bound" in text
@@ -101,3 +102,25 @@ def test_help_explains_commands():
                          text=True, check=True, cwd=ROOT).stdout
     for word in ("run", "info", "convert", "examples"):
         assert word in out
+
+
+def test_memplan_streamed_plan_limit_and_png(small_model, tmp_path):
+    memplan = os.path.join(ROOT, "tools", "memplan.py")
+    png = tmp_path / "arena.png"
+    out = subprocess.run([sys.executable, memplan, small_model, "--input-shape", "1,3,256,256",
+                          "--arena-limit", "2MiB", "--json", "--png", str(png)],
+                         capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    assert r["arena_bytes"] <= 2 * 2**20 < r["lower_bound_bytes"] <= r["unfused_arena_bytes"]
+    assert r["groups"] and all(g["band_rows"] >= 1 for g in r["groups"])
+    assert abs(r["arena_over_bound"] - r["arena_bytes"] / r["lower_bound_bytes"]) < 1e-9
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 600
+    assert [p.name for p in tmp_path.iterdir()] == ["arena.png"]  # nothing half-written left
+    bad = subprocess.run([sys.executable, memplan, small_model, "--arena-limit", "lots"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a size" in bad.stderr and "Traceback" not in bad.stderr
+    tiny = subprocess.run([sys.executable, memplan, small_model, "--input-shape", "1,3,160,160",
+                           "--arena-limit", "1000"], capture_output=True, text=True)
+    assert tiny.returncode == 1 and "smallest arena reachable" in tiny.stderr
+    assert len(tiny.stderr.strip().splitlines()) == 1

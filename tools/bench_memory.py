@@ -172,11 +172,15 @@ def latencies(p: dict, shape: tuple, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_rss(engine: str, path: str, shape: tuple, limit, rounds: int) -> float:
+def peak_rss(engine: str, path: str, shape: tuple, limit, rounds: int, kernels: str) -> float:
     from bench import fresh_process
 
-    env = {k: v for k, v in os.environ.items()}
+    env = {k: v for k, v in os.environ.items() if k not in ("QNRT_JIT", "QNRT_KERNEL_DIR")}
     env.update(PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1")
+    if kernels == "jit":
+        env["QNRT_JIT"] = "1"
+    else:
+        env["QNRT_KERNEL_DIR"] = kernels
     cmd = [sys.executable, "-c", RSS_RUN, engine, path, "x".join(map(str, shape)),
            str(limit) if limit else "none"]
     fresh_process(cmd, env)  # prime caches
@@ -189,18 +193,29 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--rounds", type=int, default=5, help="timed runs / processes per case")
     parser.add_argument("--quick", action="store_true", help="QuickNet at 224x224 only")
+    parser.add_argument("--jit", action="store_true",
+                        help="measure the fresh processes with the JIT backend (default: the "
+                             "`qnrt compile` build a device runs, built first if none matches)")
+    parser.add_argument("--kernel-dir", help="an existing `qnrt compile` build to use")
     args = parser.parse_args(argv)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         print("bench_memory: needs onnxruntime: pip install onnxruntime", file=sys.stderr)
         return 1
-    from bench import blas_info, build_models
-    from qnrt import backend as be
+    from bench import aot_build_dir, blas_info, build_models
 
-    print(f"BLAS: {blas_info()}; qnrt kernels: {be.backend().name}; one thread")
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, user_api="blas")  # one thread, as ORT is given below
+    except ImportError:
+        print("bench_memory: threadpoolctl is not installed: BLAS may use several threads "
+              "(pip install threadpoolctl)")
     rounds = 3 if args.quick else args.rounds
     with tempfile.TemporaryDirectory() as tmp:
+        kernels = "jit" if args.jit else aot_build_dir(args.kernel_dir, tmp)
+        print(f"BLAS: {blas_info()}; fresh processes: qnrt kernels "
+              f"{'JIT' if kernels == 'jit' else 'ahead of time (' + kernels + ')'}, one thread")
         qnb_path, onnx_path = build_models(tmp, os.path.join(ROOT, "models", "quicknet_digits.qnb"))
         cases = [("QuickNet", qnb_path, onnx_path, (1, 3, n, n))
                  for n in ((224,) if args.quick else (32, 224, 512))]
@@ -218,8 +233,8 @@ def main(argv=None) -> int:
             t = latencies(p, shape, max(rounds, 3))
             default_arena = p["sessions"]["default"][1].memory.arena_bytes
             lowest_arena = p["sessions"]["lowest"][1].memory.arena_bytes
-            rss_q = peak_rss("qnrt", q, shape, None, rounds)
-            rss_o = peak_rss("ort", o, shape, None, rounds)
+            rss_q = peak_rss("qnrt", q, shape, None, rounds, kernels)
+            rss_o = peak_rss("ort", o, shape, None, rounds, kernels)
             print(f"{label:<30} {'x'.join(map(str, shape[2:])):>11} {mib(p['naive']):>8} "
                   f"{mib(p['bound']):>8} {mib(p['unfused_arena']):>8} {mib(default_arena):>8} "
                   f"{default_arena / p['bound']:>8.3f} {mib(lowest_arena):>8} "
