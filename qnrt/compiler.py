@@ -216,8 +216,10 @@ def _layout(graph: Graph, shapes: dict, kernels: list, groups=()) -> Layout:
 
 
 def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Plan,
-              arena_limit: int | None, forced=None):
-    """The groups to stream (qnrt.streaming) and the layout they give."""
+              arena_limit: int | None, choice, forced=None):
+    """The groups to stream (qnrt.streaming) and the layout they give: the
+    forced groups, else the cached answer for this graph and shape
+    (qnrt.plan_cache), else the search's."""
     from . import streaming
 
     keep = {v.name for v in graph.outputs}
@@ -250,7 +252,7 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
             bad, done = None, []
             for group in sched.groups:
                 try:
-                    if group.program is None:
+                    if group.program is None or group.program.offsets is None:
                         streaming.check_kernels(group)
                         group = streaming.finalize(group)
                     done.append(group)
@@ -268,28 +270,52 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
         layout = _layout(graph, shapes, kernels, sched.groups)
         return layout, layout.plan(steps)
 
-    if arena_limit is None or forced is not None:
-        sched = pick(None)
-        layout, memory = laid_out(sched)
-        return sched.groups, layout, memory
-    limit = arena_limit
-    for _ in range(8):  # the estimate counts live bytes; the planner may need a little more
-        sched = pick(limit)
-        if sched.peak_estimate < 0:
-            break
+    def search():
+        if arena_limit is None:
+            sched = pick(None)
+            layout, memory = laid_out(sched)
+            return sched.groups, layout, memory
+        limit = arena_limit
+        for _ in range(8):  # the estimate counts live bytes; the planner may need a little more
+            sched = pick(limit)
+            if sched.peak_estimate < 0:
+                break
+            layout, memory = laid_out(sched)
+            if memory.arena_bytes <= arena_limit:
+                return sched.groups, layout, memory
+            limit -= memory.arena_bytes - arena_limit
+        sched = pick("smallest")
         layout, memory = laid_out(sched)
         if memory.arena_bytes <= arena_limit:
             return sched.groups, layout, memory
-        limit -= memory.arena_bytes - arena_limit
-    sched = pick("smallest")
-    layout, memory = laid_out(sched)
-    if memory.arena_bytes <= arena_limit:
+        smallest = min(memory.arena_bytes, unfused_plan.arena_bytes)
+        raise ArenaLimitError(
+            f"no schedule fits arena_limit={arena_limit:,} bytes ({arena_limit / 2**20:,.2f} "
+            f"MiB) at input shapes {dict((v.name, shapes[v.name]) for v in graph.inputs)}; the "
+            f"smallest arena reachable is {smallest:,} bytes ({smallest / 2**20:,.2f} MiB)",
+            smallest)
+
+    if forced is not None:
+        sched = pick(None)
+        layout, memory = laid_out(sched)
         return sched.groups, layout, memory
-    smallest = min(memory.arena_bytes, unfused_plan.arena_bytes)
-    raise ArenaLimitError(
-        f"no schedule fits arena_limit={arena_limit:,} bytes ({arena_limit / 2**20:,.2f} MiB) "
-        f"at input shapes {dict((v.name, shapes[v.name]) for v in graph.inputs)}; the smallest "
-        f"arena reachable is {smallest:,} bytes ({smallest / 2**20:,.2f} MiB)", smallest)
+    from . import plan_cache
+    key = plan_cache.key(graph, {v.name: shapes[v.name] for v in graph.inputs}, choice,
+                         arena_limit)
+    cached = plan_cache.load(key)
+    if cached is not None:  # planned before: checked and simulated again, not searched
+        try:
+            specs = [streaming.GroupSpec(first, last, band, rows=rows)
+                     for first, last, band, rows in cached]
+            groups, layout, memory = _schedule(graph, shapes, kernels, consts, unfused,
+                                               unfused_plan, None, choice, specs)
+            if arena_limit is None or memory.arena_bytes <= arena_limit:
+                return groups, layout, memory
+        except GraphError:
+            pass  # stale: search again
+    groups, layout, memory = search()
+    plan_cache.store(key, groups)
+    return groups, layout, memory
 
 
 def compile_program(graph: Graph, consts: dict, input_shapes: dict,
@@ -316,7 +342,7 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
     wanted = streaming and unfused_plan.arena_bytes > SEARCH_FROM_BYTES
     if wanted or arena_limit is not None or forced is not None:
         groups, layout, memory = _schedule(graph, shapes, kernels, consts, unfused,
-                                           unfused_plan, arena_limit, forced)
+                                           unfused_plan, arena_limit, choice, forced)
     if arena_limit is not None and memory.arena_bytes > arena_limit:
         raise ArenaLimitError(f"no schedule fits arena_limit={arena_limit:,} bytes; the "
                               f"smallest arena reachable is {memory.arena_bytes:,} bytes",

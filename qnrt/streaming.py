@@ -35,7 +35,7 @@ from .ops import Kernel, OpDef, RowWindow, get_op
 from .planner import Buffer, aligned, plan
 
 FLOAT = np.dtype(np.float32).itemsize
-BANDS = (1, 2, 4, 8, 16, 32, 64)  # output rows per band the schedule tries
+BANDS = (1, 2, 4, 8, 16)  # output rows per band the schedule tries
 SPEED_BUDGET = 0.10  # default: the estimated extra time of all groups, of the plan's
 MAX_GROUP = 48  # ops per group (bounds the schedule search)
 SEARCH_FROM_BYTES = 1 << 20  # without an arena limit, smaller unfused arenas are kept as they are
@@ -47,7 +47,7 @@ NS_PER_CALL = 6000.0  # one band's kernel call, from Python
 NS_PER_COPY = 5000.0  # one copy between band buffers, from Python
 COPIES_PER_BAND = 1.5  # the estimate's (simulate() counts them)
 REFINE_ROUNDS = 8  # schedule picks checked by simulation
-SECOND_LOOKS = 8  # groups estimated just above the peak reached, simulated too
+SECOND_LOOKS = 4  # groups that might lower the peak reached, simulated too
 
 
 @dataclass(frozen=True)
@@ -402,17 +402,34 @@ class _Workspace:
         """The buffer is read by no action after the last one recorded."""
         self.buffers[ident].last = max(self.buffers[ident].first, len(self.actions) - 1)
 
-    def plan(self) -> tuple[list[int], int]:
-        """(float offset of each buffer, floats in all). Each buffer lives at
-        least from the first to the last action that touches it (a band read
-        by no later band is never freed explicitly)."""
+    def _lifetimes(self) -> None:
+        """Each buffer lives at least from the first to the last action that
+        touches it (a band read by no later band is never freed explicitly)."""
         for index, action in enumerate(self.actions):
             for rows in action[1:]:
                 if isinstance(rows, Rows) and rows.where == "ws":
                     buf = self.buffers[rows.offset]
                     buf.first, buf.last = min(buf.first, index), max(buf.last, index)
+
+    def plan(self) -> tuple[list[int], int]:
+        """(float offset of each buffer, floats in all)."""
+        self._lifetimes()
         p = plan(self.buffers, len(self.actions) + 1)
         return [b.offset // FLOAT for b in self.buffers], p.arena_bytes // FLOAT
+
+    def live_peak(self) -> int:
+        """Floats of the largest set of buffers alive at once: what a plan
+        needs at least (and about what the greedy plan takes), found in
+        O(n log n) for the schedule search."""
+        self._lifetimes()
+        events = sorted([(b.first, aligned(b.size)) for b in self.buffers]
+                        + [(b.last + 1, -aligned(b.size)) for b in self.buffers],
+                        key=lambda e: (e[0], e[1]))
+        live = peak = 0
+        for _, delta in events:
+            live += delta
+            peak = max(peak, live)
+        return peak // FLOAT
 
 
 @dataclass
@@ -421,10 +438,11 @@ class GroupProgram:
     `Rows`, bound to memory by `bind`."""
     actions: list  # ("copy", dst Rows, src Rows) | ("run", link, rows_in, src Rows, dst Rows)
     workspace_floats: int
-    offsets: list  # float offset of each band buffer (Rows.offset is its index here)
+    offsets: list | None  # float offset of each band buffer (Rows.offset is its index
+    #                       here); None: simulated for its peak only, not placed
 
 
-def simulate(choice: GroupChoice) -> GroupProgram:
+def simulate(choice: GroupChoice, place: bool = True) -> GroupProgram:
     """Run the group on paper. Each op pulls the rows its next band reads from
     its producer (which runs as many bands as that takes), copies them into
     one window (or reads them in place when its kernel takes strided input
@@ -506,6 +524,8 @@ def simulate(choice: GroupChoice) -> GroupProgram:
 
     while next_row[m - 1] < links[-1].out_shape[2]:
         produce(m - 1)
+    if not place:  # the schedule search: the peak, without offsets
+        return GroupProgram(actions, mem.live_peak(), None)
     offsets, floats = mem.plan()
     return GroupProgram(actions, floats, offsets)
 
@@ -543,10 +563,11 @@ def bind(program: GroupProgram, x0: np.ndarray, xm: np.ndarray,
     return out
 
 
-def finalize(choice: GroupChoice) -> GroupChoice:
+def finalize(choice: GroupChoice, place: bool = True) -> GroupChoice:
     """The group with its recorded program and exact workspace: the band
-    buffers' high-water mark, then the largest band kernel's workspace."""
-    program = simulate(choice)
+    buffers' high-water mark, then the largest band kernel's workspace
+    (place=False: their live peak, for the search)."""
+    program = simulate(choice, place)
     kernel_ws = max((link.kernel(b).workspace for link, rows in zip(choice.links, choice.rows)
                      for b in band_stats(link, rows).windows), default=0)
     extra = 0.0  # the cost model, on the recorded actions
@@ -590,6 +611,24 @@ class Schedule:
         return sum(g.extra_ns for g in self.groups)
 
 
+class Candidate:
+    """A group the search may choose, estimated; made a GroupChoice only if chosen."""
+    __slots__ = ("run", "a", "b", "band", "rows", "workspace", "extra_ns")
+    program = None  # never simulated
+
+    def __init__(self, run, a, b, band, rows, workspace, extra_ns):
+        self.run, self.a, self.b, self.band, self.rows = run, a, b, band, rows
+        self.workspace, self.extra_ns = workspace, extra_ns
+
+    def choice(self) -> GroupChoice:
+        return GroupChoice(tuple(self.run[self.a:self.b]), self.band,
+                           tuple(self.rows[self.a:self.b]), self.workspace, self.extra_ns)
+
+    @property
+    def links(self):
+        return self.run[self.a:self.b]
+
+
 def _candidates(run: list[Link], stats: Stats) -> dict:
     """(start, stop) -> [GroupChoice for each band and row policy that streams
     exactly], the sums kept running as groups grow (O(n^2) in the chain)."""
@@ -597,9 +636,9 @@ def _candidates(run: list[Link], stats: Stats) -> dict:
     out: dict = {}
 
     def add(a, b, band, rows, st, held, transient, kernel_ws, extra):
-        out.setdefault((a, b + 1), []).append(GroupChoice(
-            tuple(run[a:b + 1]), band, tuple(rows[a:b + 1]),
-            _estimate(held, transient, kernel_ws), extra + _last_ns(run[b])))
+        out.setdefault((a, b + 1), []).append(Candidate(
+            run, a, b + 1, band, rows, _estimate(held, transient, kernel_ws),
+            extra + _last_ns(run[b])))
 
     for band in BANDS:
         rows = uniform(run, band)  # each op's rows do not depend on the group
@@ -661,7 +700,8 @@ def choose_schedule(runs: list[list[Link]], live_bytes: list[int], step_tensors:
                          for l in run[a:b])
             whole = tensor_bytes[x0] + tensor_bytes[xm]
             # [peak, choice, bytes besides the group's workspace]: refine() makes them exact
-            with_peak[a, b] = [[others + whole + c.workspace, c, others + whole] for c in choices]
+            with_peak[a, b] = sorted(([others + whole + c.workspace, c, others + whole]
+                                      for c in choices), key=lambda e: e[0])
         options.append(with_peak)
     entry_of = {id(e[1]): e for opts in options for v in opts.values() for e in v}
 
@@ -674,13 +714,17 @@ def choose_schedule(runs: list[list[Link]], live_bytes: list[int], step_tensors:
                 continue
             entry, changed = entry_of.pop(id(g)), True
             try:
-                check_kernels(g)
-                exact = finalize(g)
+                choice = g.choice()
+                check_kernels(choice)
+                exact = finalize(choice, place=False)
             except (NotStreamable, GraphError):  # cannot run exactly: never chosen again
                 entry[0] = float("inf")
                 continue
             entry[0], entry[1] = entry[2] + exact.workspace, exact
             entry_of[id(exact)] = entry
+        for opts in options:  # the lists stay sorted by peak for best()
+            for key, entries in opts.items():
+                entries.sort(key=lambda e: e[0])
         return changed
     in_runs = {l.index for run in runs for l in run}
     floor = max((live_bytes[i] for i in range(len(live_bytes)) if i not in in_runs), default=0)
@@ -699,7 +743,9 @@ def choose_schedule(runs: list[list[Link]], live_bytes: list[int], step_tensors:
                     cost[i + 1], back[i + 1] = cost[i], (i, None)
                 for k in range(i + 2, min(m, i + MAX_GROUP) + 1):
                     for peak, choice, _ in opts.get((i, k), ()):
-                        if peak <= limit and cost[i] + choice.extra_ns < cost[k]:
+                        if peak > limit:
+                            break  # sorted by peak
+                        if cost[i] + choice.extra_ns < cost[k]:
                             cost[k], back[k] = cost[i] + choice.extra_ns, (i, choice)
             if cost[m] == float("inf"):
                 return None
@@ -767,6 +813,7 @@ class GroupSpec:
     last: str
     band: int
     policy: str = "uniform"  # or "cadence"
+    rows: tuple = ()  # each op's rows per band, given (the policy is then not used)
 
 
 def forced_schedule(runs: list[list[Link]], specs) -> Schedule:
@@ -778,6 +825,10 @@ def forced_schedule(runs: list[list[Link]], specs) -> Schedule:
             if spec.first in names and spec.last in names:
                 a, b = names.index(spec.first), names.index(spec.last) + 1
                 policy = {"uniform": uniform, "cadence": cadence}[spec.policy]
+                if spec.rows:
+                    if len(spec.rows) != b - a:
+                        break
+                    policy = (lambda rows: lambda links, band: tuple(rows))(spec.rows)
                 choice = group_choice(run[a:b], spec.band, Stats(), policy) if b - a >= 2 else None
                 if choice is None:
                     break

@@ -290,3 +290,37 @@ def test_kernel_choice_is_kept_inside_groups():
     variants = {v for s in program.steps for _, v in s.members}
     assert "conv.im2col" in variants and "conv.pointwise.gemm" not in variants
     assert KernelChoice.parse("auto") == KernelChoice()
+
+
+# --- the schedule cache ------------------------------------------------------------
+
+def test_schedule_cache_reuses_checks_and_recovers(tmp_path, monkeypatch):
+    from qnrt import plan_cache, streaming
+
+    monkeypatch.setenv("QNRT_PLAN_DIR", str(tmp_path))
+    shape = {"input": (1, 3, 160, 160)}
+    first = Session(MODEL).prepare(shape)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and first.groups
+    searched = []
+    monkeypatch.setattr(streaming, "choose_schedule",
+                        lambda *a, **k: searched.append(1) or streaming.Schedule((), 0))
+    again = Session(MODEL).prepare(shape)  # from the cache: no search
+    assert not searched
+    assert [(g.links[0].node.name, g.rows) for g in again.groups] == \
+        [(g.links[0].node.name, g.rows) for g in first.groups]
+    assert again.memory.arena_bytes == first.memory.arena_bytes
+    files[0].write_text('{"groups": [{"first": "stem.conv", "last": "nope", "band": 2, '
+                        '"rows": [1]}]}')  # stale or edited: searched again, never trusted
+    Session(MODEL).prepare(shape)
+    assert searched
+    files[0].write_text("not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("QNRT_PLAN_DIR", str(tmp_path))
+    assert Session(MODEL).prepare(shape).memory.arena_bytes == first.memory.arena_bytes
+    assert plan_cache.load("0" * 32) is None
+    monkeypatch.setenv("QNRT_PLAN_CACHE", "0")
+    for f in tmp_path.iterdir():
+        f.unlink()
+    Session(MODEL).prepare({"input": (1, 3, 176, 176)})
+    assert list(tmp_path.iterdir()) == []
