@@ -70,6 +70,16 @@ def plan(buffers: list[Buffer], steps: int) -> Plan:
 BREADTH_MAX_BUFFERS = 4096  # the second order's live-set scan is O(buffers x steps)
 
 
+def place(buffers: list[Buffer], steps: int) -> int:
+    """Greedy by size only, setting each offset; returns the arena bytes. For
+    many short-lived buffers whose per-step live sets nobody reads (a streamed
+    group's bands)."""
+    offsets = _place(sorted(buffers, key=lambda b: (-b.size, b.first, b.name)), steps)
+    for b in buffers:
+        b.offset = offsets[id(b)]
+    return _arena(buffers, offsets)
+
+
 def _arena(buffers, offsets) -> int:
     return max((aligned(offsets[id(b)] + b.size) for b in buffers), default=0)
 

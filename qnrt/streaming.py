@@ -32,7 +32,7 @@ import numpy as np
 
 from .graph import GraphError, Node
 from .ops import Kernel, OpDef, RowWindow, get_op
-from .planner import Buffer, aligned, plan
+from .planner import Buffer, aligned, place
 
 FLOAT = np.dtype(np.float32).itemsize
 BANDS = (1, 2, 4, 8, 16)  # output rows per band the schedule tries
@@ -414,8 +414,8 @@ class _Workspace:
     def plan(self) -> tuple[list[int], int]:
         """(float offset of each buffer, floats in all)."""
         self._lifetimes()
-        p = plan(self.buffers, len(self.actions) + 1)
-        return [b.offset // FLOAT for b in self.buffers], p.arena_bytes // FLOAT
+        arena = place(self.buffers, len(self.actions) + 1)
+        return [b.offset // FLOAT for b in self.buffers], arena // FLOAT
 
     def live_peak(self) -> int:
         """Floats of the largest set of buffers alive at once: what a plan

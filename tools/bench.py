@@ -124,9 +124,12 @@ def skinny_weight_bytes(session, shape) -> tuple[int, int]:
     float32 and as int8."""
     program = session.prepare({session.get_inputs()[0].name: shape})
     n = 0
-    for node, step in zip(session.graph.nodes, program.steps):
-        if node.attrs.get("weights_int8") and step.kernel.name == "conv.pointwise.skinny":
-            n += session.graph.initializers[node.inputs[1]].size
+    nodes = {node.name: node for node in session.graph.nodes}
+    for step in program.steps:
+        for name, variant in step.members:  # a streamed step runs several nodes
+            node = nodes[name]
+            if node.attrs.get("weights_int8") and variant == "conv.pointwise.skinny":
+                n += session.graph.initializers[node.inputs[1]].size
     return 4 * n, n
 
 

@@ -45,8 +45,11 @@ def _macs(step) -> int:
     return 0
 
 
-def profile(model: str, input_shape=None, repeat: int = 20, warmup: int = 3) -> dict:
-    session = Session(model)
+def profile(model: str, input_shape=None, repeat: int = 20, warmup: int = 3,
+            streaming: bool = False) -> dict:
+    """Per step; by default on the unfused plan, so that every node is a step
+    (with streaming, a streamed group is one step, named first..last)."""
+    session = Session(model, streaming=streaming)
     inp = session.get_inputs()[0]
     program = session.prepare({inp.name: input_shape} if input_shape else None)
     x = np.random.default_rng(0).standard_normal(program.shapes[inp.name]).astype(np.float32)
@@ -65,12 +68,15 @@ def profile(model: str, input_shape=None, repeat: int = 20, warmup: int = 3) -> 
         if r >= warmup:
             totals.append(clock() - t_run)
     rows = []
+    by_name = {n.name: n for n in session.graph.nodes}
     for k, step in enumerate(steps):
         ms = 1e3 * statistics.median(times[k][warmup:])
         macs = _macs(step)
-        node = session.graph.nodes[k]
-        act = node.attrs.get("activation")
-        rows.append({"index": k, "node": step.node_name or node.outputs[0],
+        node = by_name.get(step.members[0][0], session.graph.nodes[0])
+        act = node.attrs.get("activation") if step.op != "Stream" else None
+        label = (f"{step.members[0][0]}..{step.members[-1][0]}" if step.op == "Stream"
+                 else step.node_name or node.outputs[0])
+        rows.append({"index": k, "node": label,
                      "op": step.op + (f"+{act}" if act else ""), "kernel": step.kernel.name,
                      "in_shape": list(step.inputs[0].shape) if step.inputs and step.inputs[0] is not None else [],
                      "out_shape": list(step.outputs[0].shape),
@@ -98,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     p.add_argument("--order", action="store_true", help="graph order instead of slowest first")
+    p.add_argument("--streaming", action="store_true",
+                   help="profile the default (streamed) plan: each streamed group is one row")
     p.add_argument("--top", type=int, default=0, help="print only the N slowest nodes")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -107,7 +115,8 @@ def main(argv=None) -> int:
     except ImportError:
         limiter = None
     try:
-        rep = profile(args.model, args.input_shape, max(1, args.repeat), max(0, args.warmup))
+        rep = profile(args.model, args.input_shape, max(1, args.repeat), max(0, args.warmup),
+                      args.streaming)
     except (OSError, FormatError, GraphError) as e:
         print(f"profile: {e}", file=sys.stderr)
         return 2
