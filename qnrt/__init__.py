@@ -2,7 +2,9 @@
 statically planned activation arena. Imports only numpy, numba and pillow."""
 import os as _os
 
-from .graph import Graph, GraphError, Node, ValueInfo
+from .errors import (ArenaLimitError, FormatError, GraphError, ImageError, InvalidArgument,
+                     LimitError, Limits, QnrtError)
+from .graph import Graph, Node, ValueInfo
 
 # Installed, exporters/ and models/ are the subpackages qnrt.exporters and
 # qnrt.models (pyproject's package-dir). A source checkout run without
@@ -14,7 +16,9 @@ if (not _os.path.isdir(_os.path.join(__path__[0], "exporters"))
     __path__.append(_root)
 
 __version__ = "0.1.0"
-__all__ = ["Session", "Graph", "GraphError", "Node", "ValueInfo", "__version__"]
+__all__ = ["Session", "SessionOptions", "Graph", "Node", "ValueInfo", "Limits", "QnrtError",
+           "FormatError", "GraphError", "ArenaLimitError", "LimitError", "InvalidArgument",
+           "ImageError", "__version__"]
 
 
 def __getattr__(name):  # Session pulls in numba; load it only when asked for

@@ -122,6 +122,24 @@ def infer_shapes(graph: Graph, input_shapes: dict[str, tuple] | None = None) -> 
     return shapes
 
 
+def check_tensor_limits(graph: Graph, shapes: dict, limits: Limits) -> None:
+    """LimitError for an activation tensor beyond the limits, in Python
+    integers (a product of dims cannot overflow here, unlike np.prod)."""
+    for name, shape in shapes.items():
+        if name in graph.initializers:
+            continue
+        big = [d for d in shape if d > limits.max_dim]
+        if big:
+            raise LimitError(f"tensor '{name}' would have shape {tuple(shape)}: dimension "
+                             f"{big[0]:,} is more than Limits.max_dim={limits.max_dim:,}")
+        size = FLOAT
+        for d in shape:
+            size *= int(d)
+        if size > limits.max_tensor_bytes:
+            raise LimitError(f"tensor '{name}' would have shape {tuple(shape)}: {mib(size)}, "
+                             f"more than Limits.max_tensor_bytes={limits.max_tensor_bytes:,}")
+
+
 def last_uses(graph: Graph) -> dict[str, int]:
     """tensor -> index of the last step that reads it."""
     last = {}
@@ -136,13 +154,7 @@ def nbytes(shape) -> int:
     return FLOAT * int(np.prod(shape, dtype=np.int64))
 
 
-class ArenaLimitError(GraphError):
-    """No schedule fits Session(arena_limit=...); `smallest` is the smallest
-    arena reachable for these input shapes, in bytes."""
-
-    def __init__(self, message: str, smallest: int):
-        super().__init__(message)
-        self.smallest = smallest
+from .errors import ArenaLimitError, LimitError, Limits, mib  # noqa: E402  (re-exported)
 
 
 @dataclass
@@ -320,20 +332,28 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
 
 def compile_program(graph: Graph, consts: dict, input_shapes: dict,
                     choice: KernelChoice = KernelChoice(), *, streaming: bool = True,
-                    arena_limit: int | None = None, groups=None) -> Program:
+                    arena_limit: int | None = None, groups=None,
+                    limits: Limits = Limits()) -> Program:
     """The program for `graph` (toposorted, rewritten) at these input shapes.
 
     streaming: let qnrt.streaming run chains of ops band by band (the default
     schedule: the lowest peak within streaming.SPEED_BUDGET of the unfused
     plan's estimated time); arena_limit (bytes): the cheapest schedule whose
     arena fits, else ArenaLimitError naming the smallest reachable; groups
-    (streaming.GroupSpec list, for tests and tools): exactly these groups."""
+    (streaming.GroupSpec list, for tests and tools): exactly these groups;
+    limits: LimitError before allocating beyond them."""
+    check_tensor_limits(graph, {k: tuple(v) for k, v in input_shapes.items()}, limits)
     shapes = infer_shapes(graph, input_shapes)
+    check_tensor_limits(graph, shapes, limits)
     kernels = []
     for node in graph.nodes:
         in_shapes = [shapes[t] if t else None for t in node.inputs]
         out_shapes = [shapes[t] for t in node.outputs]
         kernels.append(choice.kernel(node, in_shapes, out_shapes, consts))
+        if kernels[-1].workspace > limits.max_workspace_bytes:
+            raise LimitError(f"{node.where()} needs {mib(kernels[-1].workspace)} of scratch "
+                             f"at inputs {input_shapes}, more than Limits.max_workspace_bytes="
+                             f"{limits.max_workspace_bytes:,}")
     unfused = _layout(graph, shapes, kernels)
     unfused_plan = unfused.plan(len(graph.nodes))
     layout, memory = unfused, unfused_plan
@@ -347,6 +367,11 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
         raise ArenaLimitError(f"no schedule fits arena_limit={arena_limit:,} bytes; the "
                               f"smallest arena reachable is {memory.arena_bytes:,} bytes",
                               memory.arena_bytes)
+    if memory.arena_bytes > limits.max_arena_bytes:
+        raise LimitError(f"the activation arena for inputs {input_shapes} needs "
+                         f"{mib(memory.arena_bytes)}, more than Limits.max_arena_bytes="
+                         f"{limits.max_arena_bytes:,} (Session(limits=...) raises it; "
+                         "arena_limit= streams to need less)")
     try:
         arena = aligned_empty(memory.arena_bytes)
     except (MemoryError, ValueError):

@@ -44,8 +44,7 @@ TAG_NAMES = ("bool", "int64", "float64", "string", "bool[]", "int64[]", "float64
 _FMT = {BOOL: "B", INT: "q", FLOAT: "d"}
 
 
-class FormatError(ValueError):
-    """A file that is not a well-formed .qnb file (the message says what and where)."""
+from .errors import FormatError  # noqa: E402  (defined with the others, re-exported here)
 
 
 def _align(n: int) -> int:

@@ -25,8 +25,7 @@ def unique_name(base: str, taken: set) -> str:
     return name
 
 
-class GraphError(ValueError):
-    """A graph that cannot be executed: unknown op, bad shape, bad wiring."""
+from .errors import GraphError  # noqa: E402  (defined with the others, re-exported here)
 
 
 @dataclass

@@ -31,8 +31,7 @@ DEFAULTS = {
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class ImageError(ValueError):
-    """An image that cannot be read or preprocessed."""
+from .errors import ImageError  # noqa: E402  (defined with the others, re-exported here)
 
 
 RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")

@@ -20,8 +20,7 @@ from .rewrite import optimize, quantize_pointwise_int8
 _ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 
 
-class InvalidArgument(ValueError):
-    """Bad input to run(): unknown name, wrong shape or wrong dtype."""
+from .errors import InvalidArgument, Limits  # noqa: E402  (re-exported here)
 
 
 @dataclass
@@ -73,7 +72,7 @@ def _warn_ignored(sess_options, providers) -> None:
 class Session:
     """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True,
                input_shapes=None, weights="fp32", kernels="auto", max_programs=8,
-               arena_limit=None, streaming=True)
+               arena_limit=None, streaming=True, limits=None)
 
     `input_shapes` ({name: shape}) fixes dynamic dimensions at creation and plans
     the arena then; without it, each new input shape is planned on first use.
@@ -88,6 +87,10 @@ class Session:
     Without it, the lowest-peak schedule that costs at most a few percent of
     speed runs. `streaming=False` runs every node whole (the unfused plan);
     outputs are bit-identical either way.
+
+    `limits` (qnrt.Limits: max_dim, max_tensor_bytes, max_workspace_bytes,
+    max_arena_bytes) bounds what planning may allocate; beyond them it raises
+    qnrt.LimitError before allocating anything.
 
     `max_programs` bounds the per-shape program cache (each holds its arena):
     past it, the least recently used program is dropped, so a stream of
@@ -109,14 +112,17 @@ class Session:
     def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True,
                  input_shapes: dict | None = None, weights: str = "fp32", kernels="auto",
                  max_programs: int = 8, arena_limit: int | None = None,
-                 streaming: bool = True):
+                 streaming: bool = True, limits: Limits | None = None):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', not {weights!r}")
         if arena_limit is not None and (isinstance(arena_limit, bool)
                                         or not isinstance(arena_limit, int) or arena_limit < 1):
             raise ValueError(f"arena_limit must be a positive number of bytes, not {arena_limit!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a qnrt.Limits, not {type(limits).__name__}")
         self._arena_limit = arena_limit
         self._streaming = bool(streaming)
+        self._limits = limits or Limits()
         if not isinstance(max_programs, int) or max_programs < 1:
             raise ValueError(f"max_programs must be a positive int, not {max_programs!r}")
         _warn_ignored(sess_options, providers)
@@ -217,7 +223,8 @@ class Session:
         else:
             self._programs[key] = compile_program(self._graph, self._consts, shapes,
                                                   self._kernel_choice, streaming=self._streaming,
-                                                  arena_limit=self._arena_limit)
+                                                  arena_limit=self._arena_limit,
+                                                  limits=self._limits)
             while len(self._programs) > self._max_programs:
                 self._programs.popitem(last=False)
         return self._programs[key]

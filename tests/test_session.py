@@ -157,3 +157,24 @@ def test_load_time_is_linear_in_the_graph(tmp_path):
     assert [nd.op for nd in sess.graph.nodes] == ["Relu"] and sess.graph.nodes[0].inputs == ["t0"]
     x = np.array([[-1, 0, 2, -3]], np.float32)
     np.testing.assert_array_equal(sess.run(None, {"t0": x})[0], np.maximum(x, 0))
+
+
+def test_one_session_from_eight_threads_matches_sequential_runs():
+    import threading
+
+    session = Session("models/quicknet_digits.qnb")
+    rng = np.random.default_rng(7)
+    feeds = [rng.standard_normal((1, 3, 32 + 8 * (k % 3), 32), dtype=np.float32) for k in range(16)]
+    want = [session.run(None, {"input": x})[0] for x in feeds]
+    got: dict = {}
+
+    def work(k):
+        for j in range(k, len(feeds), 8):
+            got[j] = session.run(None, {"input": feeds[j]})[0]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(got[j], want[j]) for j in range(len(feeds)))
