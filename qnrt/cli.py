@@ -426,6 +426,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `qnrt info m.qnb | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a full disk, a read-only folder, ...: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"qnrt: error: {where}{exc.strerror or exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("qnrt: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ Metadata keys (all optional; defaults in DEFAULTS):
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 
@@ -29,6 +30,9 @@ DEFAULTS = {
     "preprocess.channel_order": "RGB",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The only formats Pillow may decode here: not every plugin it has (EPS, for
+# one, is handed to Ghostscript), whatever a file's name says.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 from .errors import ImageError  # noqa: E402  (defined with the others, re-exported here)
@@ -144,10 +148,8 @@ def load_image(path: str, metadata, channels: int = 3, max_pixels: int = MAX_PIX
 
     if hasattr(metadata, "metadata") and not isinstance(metadata, dict):  # a Session
         metadata = metadata.metadata
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with _open_regular(path) as f, Image.open(f, formats=IMAGE_FORMATS) as im:
             if im.width * im.height > max_pixels:
                 raise ImageError(f"{path}: {im.width}x{im.height} is more than {max_pixels:,} "
                                  "pixels; refused (qnrt run --max-pixels N raises the limit)")
@@ -155,14 +157,37 @@ def load_image(path: str, metadata, channels: int = 3, max_pixels: int = MAX_PIX
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above
                 im.load()
             return preprocess(im, metadata, channels)
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder, not an image") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: refused, too large to decode safely ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable image in a format qnrt reads "
+                         f"({', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from None
+
+
+def _open_regular(path: str):
+    """The file, opened for reading only if it is a regular file: a FIFO, a
+    device or a socket is refused instead of blocking the reader forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{path}: not a regular file (a pipe, device or socket); refused")
+        if st.st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def list_images(paths: list[str], recursive: bool = False) -> list[str]:

@@ -177,3 +177,28 @@ def test_run_takes_nested_lists_and_load_image_a_session():
     np.testing.assert_array_equal(a, b)
     with pytest.raises(qnrt.session.InvalidArgument, match="rectangular"):
         sess.run(None, {"input": [[1.0, 2.0], [3.0]]})
+
+
+def test_a_write_that_fails_is_one_error_line(tmp_path):
+    """A full disk or a folder that cannot be written: no traceback, old file kept."""
+    import errno
+
+    from qnrt import cli
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.qnb"))
+
+    import qnrt.format
+    original = qnrt.format.save
+    qnrt.format.save = no_space
+    try:
+        import contextlib
+        import io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(["compress", "models/quicknet_digits.qnb", str(tmp_path / "out.qnb")])
+    finally:
+        qnrt.format.save = original
+    assert code == 1
+    lines = err.getvalue().strip().splitlines()
+    assert lines[-1].endswith("out.qnb: No space left on device") and "Traceback" not in err.getvalue()

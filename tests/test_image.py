@@ -1,4 +1,6 @@
 """Image preprocessing as .qnb metadata describes it, for any Pillow mode and size."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,3 +65,35 @@ def test_exif_orientation_is_applied(tmp_path):
     stored.save(tmp_path / "photo.png", exif=exif)
     np.testing.assert_allclose(load_image(str(tmp_path / "photo.png"), META),
                                preprocess(upright, META), atol=1e-6)
+
+
+def test_only_regular_files_and_the_listed_formats_are_opened(tmp_path):
+    import threading
+
+    from qnrt.image import IMAGE_FORMATS, ImageError, load_image
+
+    meta = {"preprocess.size": [8, 8]}
+    fifo = tmp_path / "camera.png"
+    os.mkfifo(fifo)  # a named pipe called x.png: refused at once, not read forever
+    done = []
+    t = threading.Thread(target=lambda: done.append(_error_of(load_image, str(fifo), meta)))
+    t.start()
+    t.join(5)
+    assert done and "not a regular file" in done[0]
+    eps = tmp_path / "drawing.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(ImageError, match="not a readable image in a format qnrt reads"):
+        load_image(str(eps), meta)
+    assert "EPS" not in IMAGE_FORMATS
+    for fmt, suffix in (("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp"), ("TIFF", "tif")):
+        path = tmp_path / f"ok.{suffix}"
+        Image.new("RGB", (10, 12), (200, 10, 30)).save(path, fmt)
+        assert load_image(str(path), meta).shape == (3, 8, 8)
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        return str(exc)
+    return ""
