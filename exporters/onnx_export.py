@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from qnrt import __version__
+from qnrt.atomic import temp_beside
 from qnrt.graph import Graph, GraphError, Node, ValueInfo, unique_name
 
 MIN_OPSET = 11  # Clip takes min/max as inputs from 11 on; older forms are not emitted
@@ -50,8 +50,7 @@ def save_onnx(graph: Graph, path, opset: int = 17) -> None:
     """Write atomically so a crash never leaves a truncated model at `path`."""
     data = to_onnx(graph, opset).SerializeToString()
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=".tmp-", suffix=".onnx")
+    fd, tmp = temp_beside(path)  # also removes what a killed writer left
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

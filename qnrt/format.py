@@ -12,7 +12,6 @@ import mmap
 import os
 import stat
 import struct
-import tempfile
 import zlib
 from collections import Counter
 from typing import Any
@@ -44,6 +43,7 @@ TAG_NAMES = ("bool", "int64", "float64", "string", "bool[]", "int64[]", "float64
 _FMT = {BOOL: "B", INT: "q", FLOAT: "d"}
 
 
+from .atomic import temp_beside  # noqa: E402
 from .errors import FormatError  # noqa: E402  (defined with the others, re-exported here)
 
 
@@ -575,8 +575,7 @@ def save(graph: Graph, path) -> int:
     struct.pack_into("<I", prefix, _CRC_AT, _header_crc(prefix, data_off))
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=folder)
+    fd, tmp = temp_beside(path)  # also removes what a killed writer left
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(prefix)

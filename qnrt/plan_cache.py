@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+
+from .atomic import temp_beside
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ("compiler.py", "streaming.py", "planner.py", "plan_cache.py")
@@ -84,7 +85,7 @@ def store(k: str, groups) -> None:
     tmp = None
     try:
         os.makedirs(where, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{k}.", suffix=".tmp", dir=where)
+        fd, tmp = temp_beside(os.path.join(where, f"{k}.json"))
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
         os.replace(tmp, os.path.join(where, f"{k}.json"))

@@ -512,3 +512,42 @@ def test_fuzz_values_round_trip_exactly(tmp_path_factory, meta, attrs, dims):
     qnb.save(g, path)
     back = qnb.load(path)
     assert_same_graph(g, back)
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_and_its_temp_is_cleaned(tmp_path):
+    """SIGKILL between writing the temporary file and renaming it: the old file
+    is intact, and the next write to that path removes the dead writer's temp."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qnrt.models import quicknet
+
+    path = tmp_path / "model.qnb"
+    graph = quicknet.build(width=0.25)
+    qnb.save(graph, path)
+    before = path.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", """
+import sys, time
+from qnrt import format as qnb
+from qnrt.models import quicknet
+real = qnb._write_data
+def stall(f, tensors):
+    real(f, tensors[: len(tensors) // 2])
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+qnb._write_data = stall
+qnb.save(quicknet.build(width=0.5), sys.argv[1])
+""", str(path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    temps = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(temps) == 1 and temps[0].startswith(".model.qnb.")
+    assert path.read_bytes() == before  # the old file, untouched
+    qnb.load(str(path))
+    time.sleep(0.01)
+    qnb.save(graph, path)  # the next write to the path cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.qnb"]
