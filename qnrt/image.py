@@ -122,17 +122,26 @@ def preprocess(image, metadata: dict, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
+BLOCK_ROWS = 256  # rows converted at a time: no float64 copy of a whole large image
+
+
 def _to_8bit(image):
     """16-bit and 32-bit grey images to 8 bits, keeping their range (Pillow's own
-    convert clips them at 255)."""
+    convert clips them at 255). Block by block, so a large picture needs one
+    8-bit copy, not float64 ones."""
     from PIL import Image
 
-    x = np.asarray(image, dtype=np.float64)
+    src = np.asarray(image)
+    out = np.empty(src.shape, np.uint8)
+    peak = src.max() if src.size else 0
     if image.mode == "F":
-        x = x * 255.0 if x.size and x.max() <= 1.0 else x
-    elif image.mode.startswith("I;16") or (x.size and x.max() > 255):
-        x = x / 257.0  # 0..65535 -> 0..255
-    return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
+        scale = 255.0 if peak <= 1.0 else 1.0
+    else:
+        scale = 1.0 / 257.0 if image.mode.startswith("I;16") or peak > 255 else 1.0  # 0..65535
+    for r0 in range(0, src.shape[0], BLOCK_ROWS):
+        block = src[r0:r0 + BLOCK_ROWS].astype(np.float64) * scale
+        out[r0:r0 + BLOCK_ROWS] = np.clip(np.rint(block), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 MAX_PIXELS = 89_478_485  # Pillow's own limit (about 0.25 GiB of RGBA): larger is refused

@@ -97,3 +97,19 @@ def _error_of(fn, *args):
     except Exception as exc:  # noqa: BLE001 - the test reads the message
         return str(exc)
     return ""
+
+
+def test_a_large_16_bit_image_is_converted_without_float64_copies():
+    import tracemalloc
+
+    from qnrt.image import _to_8bit
+
+    x = np.random.default_rng(5).integers(0, 65536, (3000, 2000), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        out = np.asarray(_to_8bit(Image.fromarray(x)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(out, ((x.astype(np.int64) + 128) // 257).astype(np.uint8))
+    assert peak < 4 * x.nbytes, peak  # a float64 copy alone would be 4x the 16-bit image
