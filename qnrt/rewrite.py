@@ -76,11 +76,13 @@ def fold_batchnorm(graph: Graph) -> None:
         if (conv is None or conv.op != "Conv" or conv.attrs.get("activation")
                 or _single_consumer(users, outputs, conv.outputs[0]) is not node
                 or not all(i in consts for i in node.inputs[1:5])
-                or not all(i in consts for i in conv.inputs[1:3] if i)):
-            kept.append(node)
+                or not all(i in consts for i in conv.inputs[1:3] if i)
+                or not _bn_matches(consts, node, conv)):
+            kept.append(node)  # (a mismatched one is refused by its own shape rule)
             continue
         scale, bias, mean, var = (consts[i].astype(np.float64) for i in node.inputs[1:5])
-        k = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        with np.errstate(invalid="ignore", divide="ignore"):  # a negative variance: NaN, as ORT
+            k = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
         w = consts[conv.inputs[1]].astype(np.float64)
         b = consts[conv.inputs[2]].astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] \
             else np.zeros(w.shape[0])
@@ -95,6 +97,18 @@ def fold_batchnorm(graph: Graph) -> None:
         conv.inputs = [conv.inputs[0], wname, bname] + conv.inputs[3:]
         conv.outputs = [node.outputs[0]]
     graph.nodes = kept
+
+
+def _bn_matches(consts: dict, bn, conv) -> bool:
+    """The batch norm's four vectors, and the conv's bias, have one value per
+    output channel of the conv's 4-D weight."""
+    w = consts[conv.inputs[1]]
+    if np.ndim(w) != 4 or len(bn.inputs) < 5:
+        return False
+    sizes = [np.size(consts[i]) for i in bn.inputs[1:5]]
+    if len(conv.inputs) > 2 and conv.inputs[2]:
+        sizes.append(np.size(consts[conv.inputs[2]]))
+    return all(n == w.shape[0] for n in sizes)
 
 
 def _channel_slope(slope: np.ndarray, channels: int) -> np.ndarray | None:

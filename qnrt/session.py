@@ -3,6 +3,7 @@ per input shape, run it. Shaped like onnxruntime.InferenceSession; the
 compiling is qnrt.compiler's."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -20,7 +21,8 @@ from .rewrite import optimize, quantize_pointwise_int8
 _ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 
 
-from .errors import InvalidArgument, Limits  # noqa: E402  (re-exported here)
+from .errors import InvalidArgument, Limits, QnrtError  # noqa: E402  (re-exported here)
+from .validate import validate  # noqa: E402
 
 
 @dataclass
@@ -136,13 +138,17 @@ class Session:
             graph = qnb.load(os.fspath(model), verify=verify)
         else:
             raise TypeError(f"Session takes a .qnb path, its bytes or a Graph, not {type(model).__name__}")
-        graph = optimize(graph)
-        if weights == "int8":
-            graph = quantize_pointwise_int8(graph)
-        graph.validate()
-        graph.toposort()
+        validate(graph, self._limits.max_dim)  # before any rewrite or kernel sees it
         for node in graph.nodes:
             get_op(node.op)  # unknown ops fail now, not at the first run
+        graph.toposort()
+        graph.validate()
+        with _refusals("prepare the graph"):
+            graph = optimize(graph)
+            if weights == "int8":
+                graph = quantize_pointwise_int8(graph)
+            graph.validate()
+            graph.toposort()
         self._graph = graph
         self._output_names = [v.name for v in graph.outputs]
         self._consts = {k: _as_float32(k, v) for k, v in graph.initializers.items()}
@@ -221,10 +227,11 @@ class Session:
         if key in self._programs:
             self._programs.move_to_end(key)
         else:
-            self._programs[key] = compile_program(self._graph, self._consts, shapes,
-                                                  self._kernel_choice, streaming=self._streaming,
-                                                  arena_limit=self._arena_limit,
-                                                  limits=self._limits)
+            with _refusals(f"plan inputs {shapes}"):
+                program = compile_program(self._graph, self._consts, shapes,
+                                          self._kernel_choice, streaming=self._streaming,
+                                          arena_limit=self._arena_limit, limits=self._limits)
+            self._programs[key] = program
             while len(self._programs) > self._max_programs:
                 self._programs.popitem(last=False)
         return self._programs[key]
@@ -289,6 +296,21 @@ class Session:
                 raise InvalidArgument(f"input '{name}' is empty (shape {value.shape})")
             shapes[name] = value.shape
         return shapes
+
+
+@contextlib.contextmanager
+def _refusals(doing: str):
+    """The last line of defence of the documented-exceptions contract: a
+    malformed graph that gets past validation and trips a rewrite or a shape
+    rule in an unforeseen way is a GraphError, not a stray KeyError."""
+    try:
+        yield
+    except (QnrtError, MemoryError):
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError,
+            OverflowError) as exc:
+        raise GraphError(f"cannot {doing}: the graph is malformed "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def _as_float32(name: str, value: np.ndarray) -> np.ndarray:

@@ -135,7 +135,8 @@ def test_bad_preprocess_options_are_refused_at_convert(tmp_path):
     qnb.save(g, path)
     out = qnrt_cli("run", path, EXAMPLES)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
-    assert "cannot preprocess images: preprocess.size = [64]" in out.stderr
+    assert "metadata 'preprocess.size' must be [height, width]" in out.stderr  # at load
+    assert "not [64]" in out.stderr
 
 
 def test_json_gives_a_failed_image_a_record_and_a_folder_run_a_summary(tmp_path):
