@@ -60,9 +60,11 @@ class Limits:
     max_tensor_bytes: int = 1 << 30  # any one activation tensor
     max_workspace_bytes: int = 1 << 30  # any one kernel's scratch
     max_arena_bytes: int = 2 << 30  # the whole activation arena
+    max_decoded_bytes: int = 1 << 30  # a file's Deep-Compressed weights, decoded
 
     def __post_init__(self):
-        for name in ("max_dim", "max_tensor_bytes", "max_workspace_bytes", "max_arena_bytes"):
+        for name in ("max_dim", "max_tensor_bytes", "max_workspace_bytes", "max_arena_bytes",
+                     "max_decoded_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive int, not {value!r}")

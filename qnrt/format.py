@@ -403,7 +403,10 @@ def _check_wiring(inputs, outputs, nodes, tensors) -> None:
             raise FormatError(f"graph output '{v.name}' references an undefined tensor")
 
 
-def _decode(buf, verify: bool) -> Graph:
+DECODED_MAX_BYTES = 1 << 30  # compressed tensors may decode to this much, by default
+
+
+def _decode(buf, verify: bool, max_decoded_bytes: int = DECODED_MAX_BYTES) -> Graph:
     h = _fixed(buf, len(buf))
     if verify:
         _check_header_crc(buf, h)
@@ -428,6 +431,10 @@ def _decode(buf, verify: bool) -> Graph:
     decoded = {}
     encoded = [t for t in table.values() if t["encoding"] != RAW]
     sizes = [int(np.prod(t["shape"], dtype=object)) for t in encoded]
+    if 4 * sum(sizes) > max_decoded_bytes:  # believed only within the limit: checked first
+        raise FormatError(f"the {len(encoded)} compressed tensors declare {4 * sum(sizes):,} "
+                          f"bytes decoded, more than the limit of {max_decoded_bytes:,} "
+                          "(qnrt.Limits.max_decoded_bytes)")
     try:  # all decoded tensors in one buffer: one allocation, no fragmentation
         block = np.zeros(sum(sizes), np.float32) if encoded else None
     except (MemoryError, ValueError):
@@ -456,14 +463,15 @@ def _decode(buf, verify: bool) -> Graph:
 
 # ------------------------------------------------------------------ public API
 
-def loads(buffer, verify: bool = True) -> Graph:
+def loads(buffer, verify: bool = True, max_decoded_bytes: int = DECODED_MAX_BYTES) -> Graph:
     """Decode a whole .qnb file held in memory; initializers are views into `buffer`."""
-    return _decode(buffer, verify)
+    return _decode(buffer, verify, max_decoded_bytes)
 
 
-def load(path, verify: bool = True) -> Graph:
+def load(path, verify: bool = True, max_decoded_bytes: int = DECODED_MAX_BYTES) -> Graph:
     """Memory-map `path` read-only; initializers are zero-copy read-only views into it.
-    A missing file raises FileNotFoundError; anything malformed raises FormatError."""
+    A missing file raises FileNotFoundError; anything malformed raises FormatError,
+    and so do compressed tensors declaring more than `max_decoded_bytes` decoded."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise FormatError(f"{path}: is a directory, not a .qnb file")
@@ -472,7 +480,7 @@ def load(path, verify: bool = True) -> Graph:
             raise FormatError(f"{path}: empty file (0 bytes): not a .qnb file")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _decode(mm, verify)
+        return _decode(mm, verify, max_decoded_bytes)
     except FormatError as exc:
         mm.close()  # safe: no array views the mapping before every check has passed
         raise FormatError(f"{path}: {exc}") from None

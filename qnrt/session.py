@@ -133,9 +133,10 @@ class Session:
         if isinstance(model, Graph):
             graph = model.copy()  # the caller's graph stays as it was
         elif isinstance(model, (bytes, bytearray, memoryview)):
-            graph = qnb.loads(bytes(model))
+            graph = qnb.loads(bytes(model), max_decoded_bytes=self._limits.max_decoded_bytes)
         elif isinstance(model, (str, os.PathLike)):
-            graph = qnb.load(os.fspath(model), verify=verify)
+            graph = qnb.load(os.fspath(model), verify=verify,
+                             max_decoded_bytes=self._limits.max_decoded_bytes)
         else:
             raise TypeError(f"Session takes a .qnb path, its bytes or a Graph, not {type(model).__name__}")
         validate(graph, self._limits.max_dim)  # before any rewrite or kernel sees it

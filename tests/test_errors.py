@@ -75,3 +75,12 @@ def test_run_errors_are_qnrt_errors():
         session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float64)})
     with pytest.raises(QnrtError, match="too big|max_tensor_bytes|max_dim"):
         session.run(None, {"input": np.broadcast_to(np.float32(0), (1, 3, 20_000, 20_000))})
+
+
+def test_compressed_weights_are_believed_only_within_the_decode_limit():
+    dc = "models/quicknet_digits_dc.qnb"
+    with pytest.raises(qnrt.FormatError, match=r"declare .* bytes decoded, more than the limit"):
+        Session(dc, limits=Limits(max_decoded_bytes=1_000_000))
+    with pytest.raises(qnrt.FormatError, match="max_decoded_bytes"):
+        qnrt.format.load(dc, max_decoded_bytes=1000)
+    assert Session(dc).get_inputs()  # the shipped model decodes within the default
