@@ -62,20 +62,15 @@ def check_toolchain() -> None:
 
 # --- 1. harvest ---------------------------------------------------------------
 
-def exercise(graph, input_shapes: dict, rng) -> int:
-    """Run every node of `graph` on every non-reference variant that applies;
-    returns the number of kernel runs."""
-    from .compiler import KernelChoice, aligned_empty, compile_program, smallest_program
-    from .graph import GraphError
+def variant_outputs(graph, consts: dict, program):
+    """Run every node of an unfused `program` on every non-reference variant
+    that applies, each on its own copies of the inputs (a step may run in
+    place, over the input the next variant reads), then the step's own
+    kernel for the next node. Yields (step index, variant name, outputs)."""
+    from .compiler import aligned_empty
     from .ops import get_op
 
-    consts = {k: v for k, v in graph.initializers.items()}
-    program = compile_program(graph, consts, input_shapes, KernelChoice(), streaming=False)
-    for name, view in program.views.items():
-        if name in input_shapes:
-            view[...] = rng.standard_normal(view.shape).astype(np.float32)
-    runs = 0
-    for node, step in zip(graph.nodes, program.steps):
+    for i, (node, step) in enumerate(zip(graph.nodes, program.steps)):
         op = get_op(node.op)
         in_shapes = [program.shapes[t] if t else None for t in node.inputs]
         out_shapes = [program.shapes[t] for t in node.outputs]
@@ -84,13 +79,26 @@ def exercise(graph, input_shapes: dict, rng) -> int:
             if v.is_reference:
                 continue
             k = op.build(node, spec, variant=v.name)
-            # its own copies: a step may run in place, over the input the next variant reads
             xs = [a.copy() if isinstance(a, np.ndarray) and a.flags.writeable else a
                   for a in step.inputs]
-            ys = [np.empty_like(o) for o in step.outputs]
+            ys = [np.full(o.shape, np.nan, np.float32) for o in step.outputs]
             k.run(xs, ys, aligned_empty(k.workspace) if k.workspace else None)
-            runs += 1
-        step.kernel.run(step.inputs, step.outputs, step.workspace)  # the auto variant, in place
+            yield i, v.name, ys
+        step.kernel.run(step.inputs, step.outputs, step.workspace)
+
+
+def exercise(graph, input_shapes: dict, rng) -> int:
+    """Run every node of `graph` on every non-reference variant that applies,
+    and the lowest-arena streamed plan; returns the number of kernel runs."""
+    from .compiler import KernelChoice, compile_program, smallest_program
+    from .graph import GraphError
+
+    consts = {k: v for k, v in graph.initializers.items()}
+    program = compile_program(graph, consts, input_shapes, KernelChoice(), streaming=False)
+    for name, view in program.views.items():
+        if name in input_shapes:
+            view[...] = rng.standard_normal(view.shape).astype(np.float32)
+    runs = sum(1 for _ in variant_outputs(graph, consts, program))
     try:  # streamed bands run the same kernels on fewer rows: the lowest-arena plan
         streamed = smallest_program(graph, consts, input_shapes)
     except GraphError:

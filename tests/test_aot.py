@@ -26,9 +26,8 @@ RUN_ALL = r"""
 import json, sys
 import numpy as np
 import qnrt
-from qnrt.aot_build import model_workloads, shipped_models, zoo
-from qnrt.compiler import KernelChoice, aligned_empty, compile_program
-from qnrt.ops import get_op
+from qnrt.aot_build import model_workloads, shipped_models, variant_outputs, zoo
+from qnrt.compiler import KernelChoice, compile_program
 
 out = {}
 def run(label, graph, shapes):
@@ -38,21 +37,8 @@ def run(label, graph, shapes):
     rng = np.random.default_rng(0)
     for name in shapes:
         program.views[name][...] = rng.standard_normal(program.views[name].shape)
-    for i, (node, step) in enumerate(zip(graph.nodes, program.steps)):
-        op = get_op(node.op)
-        ins = [program.shapes[t] if t else None for t in node.inputs]
-        outs = [program.shapes[t] for t in node.outputs]
-        spec = op.spec(node, ins, outs, consts)
-        for v in op.applicable(spec):
-            if v.is_reference:
-                continue
-            k = op.prepare(node, ins, outs, consts, variant=v.name)
-            ys = [np.full(o.shape, np.nan, np.float32) for o in step.outputs]
-            xs = [a.copy() if isinstance(a, np.ndarray) and a.flags.writeable else a
-                  for a in step.inputs]  # arena inputs copied, read-only consts as they are
-            k.run(xs, ys, aligned_empty(k.workspace) if k.workspace else None)
-            out[f"{label}|{i}|{v.name}"] = ys[0]
-        step.kernel.run(step.inputs, step.outputs, step.workspace)
+    for i, name, ys in variant_outputs(graph, consts, program):
+        out[f"{label}|{i}|{name}"] = ys[0]
 for label, graph, shapes in model_workloads(
         [(p, [(1, 3, 32, 32), (2, 3, 20, 28)]) for p in shipped_models()]):
     run(label, graph, shapes)
