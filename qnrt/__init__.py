@@ -5,6 +5,7 @@ import os as _os
 from .errors import (ArenaLimitError, FormatError, GraphError, ImageError, InvalidArgument,
                      LimitError, Limits, QnrtError)
 from .graph import Graph, Node, ValueInfo
+from .threads import OversubscriptionWarning
 
 # Installed, exporters/ and models/ are the subpackages qnrt.exporters and
 # qnrt.models (pyproject's package-dir). A source checkout run without
@@ -18,11 +19,11 @@ if (not _os.path.isdir(_os.path.join(__path__[0], "exporters"))
 __version__ = "0.1.0"
 __all__ = ["Session", "SessionOptions", "Graph", "Node", "ValueInfo", "Limits", "QnrtError",
            "FormatError", "GraphError", "ArenaLimitError", "LimitError", "InvalidArgument",
-           "ImageError", "__version__"]
+           "ImageError", "IgnoredOptionWarning", "OversubscriptionWarning", "__version__"]
 
 
 def __getattr__(name):  # Session pulls in numba; load it only when asked for
-    if name in ("Session", "SessionOptions", "NodeArg"):
+    if name in ("Session", "SessionOptions", "NodeArg", "IgnoredOptionWarning"):
         from . import session
         return getattr(session, name)
     raise AttributeError(name)

@@ -16,6 +16,7 @@ $XDG_CACHE_HOME/qnrt/kernels, else ~/.cache/qnrt/kernels.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.util
 import json
@@ -191,6 +192,8 @@ class AotKernel:
                 for k, v in g.items():
                     if isinstance(v, AotKernel) and v is not self:
                         g[k] = v.jit()
+                    elif isinstance(v, JitOnly):
+                        g[k] = v.resolve()
             return self._jit
 
 
@@ -307,6 +310,25 @@ def backend() -> Backend:
         if _BACKEND is None:
             _BACKEND = Backend()
         return _BACKEND
+
+
+class JitOnly:
+    """A Numba extension kernels call (qnrt.ops._numba_ext), named but not
+    imported where the kernels come from the ahead-of-time build: the build
+    holds it compiled in, and importing it would import numba."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def resolve(self):
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+def jit_only(module: str, name: str):
+    """The extension itself on the JIT backend; a JitOnly placeholder on "aot"
+    (AotKernel.jit resolves it if a kernel must compile after all)."""
+    placeholder = JitOnly(module, name)
+    return placeholder.resolve() if backend().name == "jit" else placeholder
 
 
 def kernel(**options):

@@ -23,6 +23,12 @@ class CliError(Exception):
     pass
 
 
+def _threads(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a thread count (0: every core)")
+    return int(text)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.replace("x", ",").split(","))
@@ -54,7 +60,7 @@ def cmd_run(args) -> int:
     from .session import Session
 
     started = time.perf_counter()
-    session = Session(args.model, kernels=args.kernels)
+    session = Session(args.model, kernels=args.kernels, num_threads=args.threads)
     _say_if_compiling()
     meta = session.metadata
     inp = session.get_inputs()[0]
@@ -331,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                      help="kernel variants: the fastest that apply (auto, default) or every "
                           "op's plain reference (slow; for checking a result)")
+    run.add_argument("--threads", type=_threads, default=0, metavar="N",
+                     help="threads per run (default 0: every core; 1: the calling thread only)")
     run.add_argument("-v", "--verbose", action="store_true",
                       help="say which kernel backend runs and why")
     run.set_defaults(func=cmd_run)

@@ -26,6 +26,7 @@ import numpy as np
 from .graph import Graph, GraphError
 from .ops import Kernel, get_op
 from .planner import ALIGN, READ_AFTER_RUN, Buffer, Plan, plan
+from .threads import threaded
 
 FLOAT = np.dtype(np.float32).itemsize
 
@@ -333,7 +334,7 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
 def compile_program(graph: Graph, consts: dict, input_shapes: dict,
                     choice: KernelChoice = KernelChoice(), *, streaming: bool = True,
                     arena_limit: int | None = None, groups=None,
-                    limits: Limits = Limits()) -> Program:
+                    limits: Limits = Limits(), pool=None) -> Program:
     """The program for `graph` (toposorted, rewritten) at these input shapes.
 
     streaming: let qnrt.streaming run chains of ops band by band (the default
@@ -341,7 +342,9 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
     plan's estimated time); arena_limit (bytes): the cheapest schedule whose
     arena fits, else ArenaLimitError naming the smallest reachable; groups
     (streaming.GroupSpec list, for tests and tools): exactly these groups;
-    limits: LimitError before allocating beyond them."""
+    limits: LimitError before allocating beyond them; pool (qnrt.threads.WorkerPool):
+    the threads that run the parts of kernels that split (the plan and the
+    arithmetic are the same without it)."""
     check_tensor_limits(graph, {k: tuple(v) for k, v in input_shapes.items()}, limits)
     shapes = infer_shapes(graph, input_shapes)
     check_tensor_limits(graph, shapes, limits)
@@ -393,13 +396,14 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
             from .streaming import group_kernel
             last = group.links[-1].node
             x0, xm = views[node.inputs[0]], views[last.outputs[0]]
-            steps.append(Step(node.name, "Stream", group_kernel(group, x0, xm, ws), [x0], [xm],
+            steps.append(Step(node.name, "Stream", group_kernel(group, x0, xm, ws, pool),
+                              [x0], [xm],
                               ws, members=[(link.node.name, link.variant) for link in group.links]))
             skip_until = group.links[-1].index
             continue
         ins = [views[t] if t in views else consts.get(t) if t else None for t in node.inputs]
         outs = [views[t] for t in node.outputs]
-        steps.append(Step(node.name, node.op, kernel, ins, outs, ws,
+        steps.append(Step(node.name, node.op, threaded(kernel, pool), ins, outs, ws,
                           members=[(node.name, kernel.name)]))
     return Program(shapes, steps, memory, layout.tensor_buffer, views, arena,
                    unfused=unfused_plan, groups=tuple(groups))

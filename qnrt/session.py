@@ -7,6 +7,7 @@ import contextlib
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from .compiler import KernelChoice, Program, compile_program
 from .graph import Graph, GraphError
 from .ops import get_op
 from .rewrite import optimize, quantize_pointwise_int8
+from .threads import WorkerPool, blas_threads, resolve_threads, warn_oversubscribed
 
 _ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 
@@ -45,10 +47,10 @@ class IgnoredOptionWarning(UserWarning):
 
 @dataclass
 class SessionOptions:
-    """The ONNX Runtime SessionOptions fields people set. qnrt does not act on
-    them yet (it runs one thread, in the caller's thread); a value other than
-    the default is named in one IgnoredOptionWarning. An onnxruntime
-    SessionOptions object is accepted too."""
+    """The ONNX Runtime SessionOptions fields people set. intra_op_num_threads
+    is the Session's num_threads (0: every core); qnrt runs the steps one after
+    another, so an inter_op_num_threads other than 0 or 1 is named in one
+    IgnoredOptionWarning. An onnxruntime SessionOptions object is accepted too."""
     intra_op_num_threads: int = 0
     inter_op_num_threads: int = 0
     log_severity_level: int = 2
@@ -63,25 +65,31 @@ def _warn_ignored(sess_options, providers) -> None:
     if other:
         warnings.warn(f"qnrt runs its own CPU kernels; providers {other} are ignored",
                       IgnoredOptionWarning, stacklevel=3)
-    if sess_options is not None:
-        changed = [f for f in ("intra_op_num_threads", "inter_op_num_threads")
-                   if getattr(sess_options, f, 0) not in (0, 1)]
-        if changed:
-            warnings.warn(f"qnrt does not apply sess_options {changed} yet: it runs on one "
-                          "thread", IgnoredOptionWarning, stacklevel=3)
+    if sess_options is not None and getattr(sess_options, "inter_op_num_threads", 0) not in (0, 1):
+        warnings.warn("qnrt runs the steps one after another: sess_options "
+                      "inter_op_num_threads is ignored (intra_op_num_threads splits each step)",
+                      IgnoredOptionWarning, stacklevel=3)
 
 
 class Session:
     """Session(path_or_bytes_or_graph, sess_options=None, providers=None, *, verify=True,
                input_shapes=None, weights="fp32", kernels="auto", max_programs=8,
-               arena_limit=None, streaming=True, limits=None)
+               arena_limit=None, streaming=True, limits=None, num_threads=None)
 
     `input_shapes` ({name: shape}) fixes dynamic dimensions at creation and plans
     the arena then; without it, each new input shape is planned on first use.
 
     `providers` and `sess_options` are accepted for drop-in compatibility with
     onnxruntime: qnrt has one provider, its own CPU kernels, and a provider or
-    thread count it cannot honour is named in one IgnoredOptionWarning.
+    option it cannot honour is named in one IgnoredOptionWarning.
+
+    `num_threads` (else sess_options.intra_op_num_threads; 0 or neither: every
+    core the process may use, at most qnrt.threads.MAX_PARTS): the threads a
+    run uses, the caller's and num_threads - 1 workers of this Session's own.
+    Large kernels split into parts that run on them; outputs are the same bits
+    for every thread count. While a run is in progress numpy's BLAS runs on
+    one thread (qnrt.threads.BlasThreads). Runs of several Sessions at once
+    that add up to more threads than cores get one OversubscriptionWarning.
 
     `arena_limit` (bytes) picks the fastest schedule whose activation arena
     fits, streaming more of the network band by band (qnrt.streaming); if none
@@ -114,7 +122,8 @@ class Session:
     def __init__(self, model, sess_options=None, providers=None, *, verify: bool = True,
                  input_shapes: dict | None = None, weights: str = "fp32", kernels="auto",
                  max_programs: int = 8, arena_limit: int | None = None,
-                 streaming: bool = True, limits: Limits | None = None):
+                 streaming: bool = True, limits: Limits | None = None,
+                 num_threads: int | None = None):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', not {weights!r}")
         if arena_limit is not None and (isinstance(arena_limit, bool)
@@ -128,6 +137,11 @@ class Session:
         if not isinstance(max_programs, int) or max_programs < 1:
             raise ValueError(f"max_programs must be a positive int, not {max_programs!r}")
         _warn_ignored(sess_options, providers)
+        if num_threads is None and sess_options is not None:
+            num_threads = getattr(sess_options, "intra_op_num_threads", 0)
+        self._threads = resolve_threads(num_threads)
+        self._pool: WorkerPool | None = None  # its threads start at the first split step
+        self._warned_oversubscribed = False
         self._max_programs = max_programs
         self._kernel_choice = KernelChoice.parse(kernels)
         if isinstance(model, Graph):
@@ -202,9 +216,27 @@ class Session:
             program = self.prepare(shapes)
             for name, value in input_feed.items():
                 np.copyto(program.views[name], value)
-            for step in program.steps:
-                step.kernel.run(step.inputs, step.outputs, step.workspace)
+            blas = blas_threads()
+            if blas.enter(self._threads) and not self._warned_oversubscribed:
+                self._warned_oversubscribed = True
+                warn_oversubscribed(self._threads)
+            try:
+                for step in program.steps:
+                    step.kernel.run(step.inputs, step.outputs, step.workspace)
+            finally:
+                blas.exit(self._threads)
             return [program.views[n].copy() for n in names]
+
+    @property
+    def num_threads(self) -> int:
+        """The threads a run uses (the caller's included)."""
+        return self._threads
+
+    def _worker_pool(self) -> WorkerPool | None:
+        if self._threads > 1 and self._pool is None:
+            self._pool = WorkerPool(self._threads)
+            weakref.finalize(self, self._pool.close)  # the workers end with the Session
+        return self._pool
 
     def _fix_input_shapes(self, given: dict) -> None:
         inputs = {v.name: v for v in self._graph.inputs}
@@ -231,7 +263,8 @@ class Session:
             with _refusals(f"plan inputs {shapes}"):
                 program = compile_program(self._graph, self._consts, shapes,
                                           self._kernel_choice, streaming=self._streaming,
-                                          arena_limit=self._arena_limit, limits=self._limits)
+                                          arena_limit=self._arena_limit, limits=self._limits,
+                                          pool=self._worker_pool())
             self._programs[key] = program
             while len(self._programs) > self._max_programs:
                 self._programs.popitem(last=False)

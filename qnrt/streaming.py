@@ -33,6 +33,7 @@ import numpy as np
 from .graph import GraphError, Node
 from .ops import Kernel, OpDef, RowWindow, get_op
 from .planner import Buffer, aligned, place
+from .threads import threaded
 
 FLOAT = np.dtype(np.float32).itemsize
 BANDS = (1, 2, 4, 8, 16)  # output rows per band the schedule tries
@@ -531,7 +532,7 @@ def simulate(choice: GroupChoice, place: bool = True) -> GroupProgram:
 
 
 def bind(program: GroupProgram, x0: np.ndarray, xm: np.ndarray,
-         workspace: np.ndarray) -> list:
+         workspace: np.ndarray, pool=None) -> list:
     """The recorded actions as (function, args) over views of real memory."""
     band_bytes = aligned(FLOAT * program.workspace_floats)
     band_flat = workspace[:band_bytes].view(np.float32)
@@ -552,7 +553,7 @@ def bind(program: GroupProgram, x0: np.ndarray, xm: np.ndarray,
             out.append((np.copyto, (view(action[1]), view(action[2]))))
             continue
         _, link, band, src, dst = action
-        kernel = link.kernel(band)
+        kernel = threaded(link.kernel(band), pool)
         whole = dataclasses.replace(dst, r0=dst.first, r1=dst.first + dst.shape[2])
         args = ([view(src)] + list(link.consts), [view(whole)],
                 kernel_ws if kernel.workspace else None)
@@ -587,10 +588,11 @@ def finalize(choice: GroupChoice, place: bool = True) -> GroupChoice:
 
 
 def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
-                 workspace: np.ndarray) -> Kernel:
+                 workspace: np.ndarray, pool=None) -> Kernel:
     """A finalized group as one step over its views in the arena (bound once:
-    the views are the program's)."""
-    actions = bind(choice.program, x0, xm, workspace)
+    the views are the program's; band kernels that split run their parts on
+    the pool's threads)."""
+    actions = bind(choice.program, x0, xm, workspace, pool)
 
     def run(ins, outs, _workspace):
         for fn, args in actions:

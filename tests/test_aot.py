@@ -144,3 +144,48 @@ def test_value_keys_match_the_build_keys():
     keys = be.signature_keys([["float32", 2, "A", False], "int64"])
     assert (np.dtype(np.float32), 2, True, "int64") in keys
     assert (np.dtype(np.float32), 2, False, "int64") in keys
+
+
+THREADS = r"""
+import json, sys, threading, time
+import numpy as np
+import qnrt
+from qnrt.ops import _common
+from qnrt.ops.conv import pointwise
+x = np.random.default_rng(0).standard_normal((1, 3, 160, 160)).astype(np.float32)
+outs = [qnrt.Session("models/quicknet_digits.qnb", num_threads=n).run(None, {"input": x})[0]
+        for n in (1, 2, 3)]
+same = all(np.array_equal(o.view(np.uint32), outs[0].view(np.uint32)) for o in outs)
+# a kernel from the build, run in another thread: does this one keep running Python?
+rng = np.random.default_rng(0)
+xa = rng.standard_normal((1, 256, 128, 128)).astype(np.float32)
+ya = np.empty_like(xa)
+w = rng.standard_normal((256, 256)).astype(np.float32)
+w.flags.writeable = False
+blocks = np.array([(0, t, t + 256) for t in range(0, 128 * 128, 256)], np.int64)
+z = np.zeros(256, np.float32)
+args = (_common.SGEMM, _common.SGEMM_ILP64, w, _common.address(xa), 256 * 128 * 128, 128 * 128,
+        _common.address(ya), 256 * 128 * 128, 128 * 128, blocks, 0, len(blocks),
+        pointwise._NO_SCRATCH, z, z, 2, 0.0, 0.0, True)
+t = threading.Thread(target=lambda: [pointwise._pw_gemm(*args) for _ in range(40)])
+spins, start = 0, time.perf_counter()
+t.start()
+while t.is_alive():
+    spins += 1
+elapsed = time.perf_counter() - start
+print(json.dumps({"same": same, "spins_per_s": spins / elapsed, "elapsed": elapsed,
+                  "numba": bool({m.split(".")[0] for m in sys.modules} & {"numba", "llvmlite"}),
+                  "kernel": type(pointwise._pw_gemm).__name__}))
+"""
+
+
+def test_threads_on_the_build_same_bits_and_no_gil(build):
+    """The build's exports release the GIL (numba.pycc keeps the nogil option),
+    so a Session's worker threads run them at once; outputs keep their bits."""
+    out = subprocess.run([sys.executable, "-c", THREADS], cwd=ROOT,
+                         env=env_with(QNRT_KERNEL_DIR=str(build)), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["same"] and not facts["numba"] and facts["kernel"] == "AotKernel", facts
+    assert facts["elapsed"] > 0.02 and facts["spins_per_s"] > 2000, facts
+    assert "compiling it with Numba" not in out.stderr  # streamed band kernels too

@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Speed, cold start and memory of qnrt against ONNX Runtime, in one run.
+"""Speed of qnrt against its peers, and its cold start and memory, in one run.
 
-Both engines run the same QuickNet (batch norm folded into the convolutions)
-on the same inputs, interleaved, and the report gives medians and the ratio
-qnrt / ONNX Runtime: only ratios measured in the same run mean anything on a
-shared, noisy machine. It also says which BLAS kernel numpy used.
+Every engine (qnrt, and ONNX Runtime, OpenVINO and ncnn where installed:
+`pip install 'qnrt[bench]'`; tools/peers.py) runs the same QuickNet (batch
+norm folded into the convolutions) on the same inputs at the same thread
+count, in interleaved rounds after warm-up. The report gives medians, p10
+and p90, the ratio of qnrt to each peer and to the compute floor (the
+model's multiply-adds at numpy's sgemm peak, measured in the same run), and
+a header with the machine, the versions, the thread counts and the BLAS
+kernel: only ratios measured in the same run mean anything on a shared,
+noisy machine. Each case runs at 1 thread and at every core.
 
 The cold-start section runs fresh processes (import, load, one run; the
 Python API at 1x3x32x32 and 1x3x224x224, and `qnrt run` on one image) for
@@ -14,8 +19,8 @@ It also compares the two kernel backends' steady-state speed. The AOT build
 comes from --kernel-dir, else the default location if it matches, else
 `qnrt compile` makes one in a temporary folder (about 80 s).
 
-    python tools/bench.py                       # all three shapes, 1 thread
-    python tools/bench.py --shapes 1x3x32x32 --repeat 200 --threads 2
+    python tools/bench.py                       # all three shapes, 1 thread and all cores
+    python tools/bench.py --shapes 1x3x32x32 --rounds 40 --threads 2 --cold 0
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ if engine == "ort":
     o = ort.SessionOptions(); o.intra_op_num_threads = int(__import__("os").environ["OPENBLAS_NUM_THREADS"])
     ort.InferenceSession(path, o, providers=["CPUExecutionProvider"]).run(None, x)
 else:
-    import qnrt
-    s = qnrt.Session(path)
+    import os, qnrt
+    s = qnrt.Session(path, num_threads=int(os.environ["OPENBLAS_NUM_THREADS"]))
     s.run(None, x)
     assert s.kernel_backend == engine, (s.kernel_backend, engine)
     heavy = sorted({m.split(".")[0] for m in sys.modules} & {"numba", "llvmlite"})
@@ -62,7 +67,7 @@ if engine == "qnrt":  # the engine's import is not the model's cost: import firs
     import qnrt.session as eng
     from qnrt.ops import all_variants
     all_variants()  # imports numba and every kernel module (compiled code loads on first use)
-    base = rss(); s = eng.Session(path)
+    base = rss(); s = eng.Session(path, num_threads=int(__import__("os").environ["OPENBLAS_NUM_THREADS"]))
 else:
     import onnxruntime as eng
     o = eng.SessionOptions(); o.intra_op_num_threads = int(__import__("os").environ["OPENBLAS_NUM_THREADS"])
@@ -133,41 +138,85 @@ def skinny_weight_bytes(session, shape) -> tuple[int, int]:
     return 4 * n, n
 
 
-def time_engines(qnb_path: str, onnx_path: str, shape, repeat: int, threads: int) -> dict:
-    import onnxruntime as ort
+def machine_header(threads_list) -> dict:
+    """What the numbers were measured on: machine, versions, threads, BLAS."""
+    import platform
+
+    import numba
 
     import qnrt
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.lower().startswith(("model name", "hardware"))), cpu)
+    except OSError:
+        pass
+    versions = {"qnrt": qnrt.__version__, "numpy": np.__version__, "numba": numba.__version__}
+    for mod in ("onnxruntime", "openvino", "ncnn"):
+        try:
+            m = __import__(mod)
+            versions[mod] = str(getattr(m, "__version__", "?")).split("-")[0]
+        except ImportError:
+            pass
+    from qnrt.threads import available_cores
+    return {"cpu": cpu, "cores": available_cores(), "python": platform.python_version(),
+            "versions": versions, "threads": list(threads_list), "blas": blas_info()}
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    ref = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-    ours = qnrt.Session(qnb_path)
-    ours8 = qnrt.Session(qnb_path, weights="int8") if tuple(shape) == INT8_SHAPE else None
+
+def time_case(qnb_path: str, onnx_path: str, shape, threads: int, rounds: int, tmp: str,
+              peak_gflops: float) -> dict:
+    """Every engine on this shape at this thread count, interleaved: per engine
+    median/p10/p90 ms, max |diff| against ONNX Runtime (else qnrt), and qnrt's
+    ratio to each; the compute floor from the sgemm peak."""
+    import peers
+
+    engs = peers.engines(qnb_path, onnx_path, shape, threads, tmp,
+                         say=lambda m: print(m, file=sys.stderr))
+    if tuple(shape) == INT8_SHAPE:
+        import qnrt
+        s8 = qnrt.Session(qnb_path, weights="int8", num_threads=threads)
+        engs.append(peers.Engine("qnrt int8-weights", qnrt.__version__,
+                                 lambda x: s8.run(None, {"input": x})[0], threads))
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    feed = {"input": x}
-    a, b = ours.run(None, feed)[0], ref.run(None, feed)[0]
-    err = float(np.abs(a - b).max())
-    for _ in range(3):  # warm both: JIT cache load, ORT's first-run allocations
-        ours.run(None, feed), ref.run(None, feed)
-        if ours8 is not None:
-            ours8.run(None, feed)
-    tq, to, t8 = [], [], []
-    for _ in range(repeat):  # interleaved, so both see the same machine noise
-        t = time.perf_counter(); ours.run(None, feed); tq.append(time.perf_counter() - t)
-        t = time.perf_counter(); ref.run(None, feed); to.append(time.perf_counter() - t)
-        if ours8 is not None:
-            t = time.perf_counter(); ours8.run(None, feed); t8.append(time.perf_counter() - t)
-    mq, mo = statistics.median(tq), statistics.median(to)
-    out = {"shape": list(shape), "qnrt_ms": 1e3 * mq, "ort_ms": 1e3 * mo,
-           "ratio": mq / mo, "max_abs_diff": err}
-    if ours8 is not None:
-        m8 = statistics.median(t8)
-        fp32_bytes, int8_bytes = skinny_weight_bytes(ours8, tuple(shape))
-        out["int8_weights"] = {"qnrt_ms": 1e3 * m8, "ratio": m8 / mo,
-                               "max_abs_diff": float(np.abs(ours8.run(None, feed)[0] - b).max()),
-                               "skinny_weight_bytes_fp32": fp32_bytes,
-                               "skinny_weight_bytes_int8": int8_bytes}
+    ref_name = "onnxruntime" if any(e.name == "onnxruntime" for e in engs) else "qnrt"
+    ref = np.asarray(next(e for e in engs if e.name == ref_name).run(x))
+    diffs = {e.name: float(np.abs(np.asarray(e.run(x)).reshape(ref.shape) - ref).max())
+             for e in engs}
+    peers.interleaved(engs, x, rounds)
+    macs = peers.model_macs(qnb_path, shape)
+    floor_ms = 2e3 * macs / (peak_gflops * 1e9)
+    out = {"shape": list(shape), "threads": threads, "macs": macs,
+           "floor_ms": floor_ms, "sgemm_peak_gflops": peak_gflops, "engines": {}}
+    q = statistics.median(engs[0].times)
+    for e in engs:
+        m = statistics.median(e.times)
+        out["engines"][e.name] = {**peers.summary(e.times), "version": e.version,
+                                  "note": e.note, f"max_abs_diff_vs_{ref_name}": diffs[e.name],
+                                  "qnrt_over_this": q / m}
+    peer_medians = {n: r["median_ms"] for n, r in out["engines"].items()
+                    if not n.startswith("qnrt")}
+    if peer_medians:
+        fastest = min(peer_medians, key=peer_medians.get)
+        out["fastest_peer"] = fastest
+        out["qnrt_over_fastest_peer"] = 1e3 * q / peer_medians[fastest]
+    out["qnrt_over_floor"] = 1e3 * q / floor_ms
     return out
+
+
+def print_case(r: dict) -> None:
+    shape = "x".join(str(d) for d in r["shape"])
+    print(f"{shape} on {r['threads']} thread(s): floor {r['floor_ms']:.2f} ms "
+          f"({r['macs'] / 1e6:.0f} M multiply-adds at {r['sgemm_peak_gflops']:.0f} GFLOP/s)",
+          file=sys.stderr)
+    for name, e in r["engines"].items():
+        diff = next(v for k, v in e.items() if k.startswith("max_abs_diff"))
+        print(f"  {name:<18} {e['median_ms']:8.2f} ms  p10 {e['p10_ms']:7.2f}  p90 "
+              f"{e['p90_ms']:7.2f}  qnrt/this {e['qnrt_over_this']:5.2f}  max|diff| "
+              f"{diff:.1e}  {e['note']}", file=sys.stderr)
+    if "fastest_peer" in r:
+        print(f"  qnrt / fastest peer ({r['fastest_peer']}): {r['qnrt_over_fastest_peer']:.2f};"
+              f" qnrt / floor: {r['qnrt_over_floor']:.2f}", file=sys.stderr)
 
 
 def child(script: str, *args, threads: int = 1) -> list[float]:
@@ -250,7 +299,7 @@ import sys, time, statistics
 import numpy as np, qnrt
 from threadpoolctl import threadpool_limits
 threadpool_limits(int(sys.argv[3]), user_api="blas")
-s = qnrt.Session(sys.argv[1])
+s = qnrt.Session(sys.argv[1], num_threads=int(sys.argv[3]))
 shape = tuple(int(v) for v in sys.argv[2].split("x"))
 x = {"input": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
 for _ in range(3):
@@ -287,9 +336,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), type=_nchw,
                    help=f"NxCxHxW shapes (default: {' '.join(DEFAULT_SHAPES)})")
-    p.add_argument("--repeat", type=int, default=0, help="timed runs per shape (default: by size)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads for ONNX Runtime and numpy's BLAS (default 1)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="interleaved rounds of 3 timed runs per engine (default: by size)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts, the same for every engine (default: 1 and every core)")
     p.add_argument("--weights", help="a .qnb or neutral .npz to benchmark (default: initial weights)")
     p.add_argument("--cold", type=int, default=5,
                    help="fresh processes for cold start (default 5; 0 skips)")
@@ -297,31 +347,39 @@ def main(argv=None) -> int:
                                         "location if it matches, else a new one)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        from threadpoolctl import threadpool_limits
-        limiter = threadpool_limits(args.threads, user_api="blas")
-    except ImportError:
-        limiter = None
-    report = {"blas": blas_info(), "threads": args.threads, "runs": []}
-    print(f"numpy BLAS: {report['blas']}", file=sys.stderr)
+    from qnrt.threads import available_cores
+    import peers
+
+    threads_list = args.threads or sorted({1, available_cores()})
+    report = {"machine": machine_header(threads_list), "runs": []}
+    h = report["machine"]
+    print(f"machine: {h['cpu']}, {h['cores']} cores, Python {h['python']}; "
+          + ", ".join(f"{k} {v}" for k, v in h["versions"].items()), file=sys.stderr)
+    print(f"numpy BLAS: {h['blas']}; thread counts: {threads_list}", file=sys.stderr)
+    for line in peers.missing_peers():
+        print(f"bench: {line}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         qnb_path, onnx_path = build_models(tmp, args.weights)
+        peaks = {t: peers.sgemm_peak_gflops(t) for t in threads_list}
+        report["sgemm_peak_gflops"] = peaks
+        print("sgemm peak (numpy, float32): " + ", ".join(
+            f"{v:.0f} GFLOP/s on {t} thread(s)" for t, v in peaks.items()), file=sys.stderr)
         for text in args.shapes:
             shape = tuple(int(v) for v in text.split("x"))
-            repeat = args.repeat or max(10, min(200, int(2e8 // np.prod(shape) // 1000)))
-            r = time_engines(qnb_path, onnx_path, shape, repeat, args.threads)
-            r["repeat"] = repeat
-            report["runs"].append(r)
-            print(f"{text:>13}: qnrt {r['qnrt_ms']:8.2f} ms   onnxruntime {r['ort_ms']:8.2f} ms   "
-                  f"qnrt/ort {r['ratio']:5.2f}   (median of {repeat}, max |diff| "
-                  f"{r['max_abs_diff']:.1e})", file=sys.stderr)
-            if "int8_weights" in r:
-                q8 = r["int8_weights"]
-                print(f"{'':>13}  qnrt int8-weights {q8['qnrt_ms']:8.2f} ms   qnrt int8/ort "
-                      f"{q8['ratio']:5.2f}   (same loop, max |diff| vs ort "
-                      f"{q8['max_abs_diff']:.1e}); skinny layers read "
-                      f"{q8['skinny_weight_bytes_fp32'] / 2**20:.2f} MiB of weights fp32 vs "
-                      f"{q8['skinny_weight_bytes_int8'] / 2**20:.2f} MiB int8", file=sys.stderr)
+            rounds = args.rounds or max(5, min(40, int(4e7 // np.prod(shape) // 10)))
+            for t in threads_list:
+                r = time_case(qnb_path, onnx_path, shape, t, rounds, tmp, peaks[t])
+                report["runs"].append(r)
+                print_case(r)
+        for text in args.shapes:
+            by = {r["threads"]: r for r in report["runs"]
+                  if "x".join(map(str, r["shape"])) == text}
+            if len(by) > 1:
+                one, most = by[min(by)], by[max(by)]
+                print(f"{text}: qnrt on {max(by)} threads is "
+                      f"{one['engines']['qnrt']['median_ms'] / most['engines']['qnrt']['median_ms']:.2f}x"
+                      f" its speed on {min(by)}", file=sys.stderr)
+        args.threads = min(threads_list)  # cold start and memory: one thread
         if args.cold:
             from qnrt.backend import backend
             report["backend_in_process"] = backend().name
@@ -355,8 +413,6 @@ def main(argv=None) -> int:
                   f"{growth['ort']['load_mib']:.1f} MiB; load + one 224x224 run qnrt "
                   f"{growth['qnrt']['load_and_224_run_mib']:.1f} MiB vs onnxruntime "
                   f"{growth['ort']['load_and_224_run_mib']:.1f} MiB", file=sys.stderr)
-    if limiter is not None:
-        limiter.restore_original_limits()
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

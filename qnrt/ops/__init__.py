@@ -64,7 +64,12 @@ class Kernel:
     pads (no rows computed and dropped).
     run_rows(ins, outs, workspace, r0, r1): run() computing only output rows
     [r0, r1) (the rest of outs[0] is left as it was), for kernels that drop
-    rows in a band."""
+    rows in a band.
+    parts > 1 and run_part(part, ins, outs, workspace[, r0, r1]): the kernel
+    splits into `parts` pieces that write disjoint parts of the output, each
+    with the same arithmetic as run() and its own share of the workspace, so
+    they may run at once on several threads (qnrt.threads); run() is the
+    parts in order. r0, r1 are passed where the kernel has run_rows."""
     run: Callable
     workspace: int = 0  # bytes
     name: str = ""
@@ -73,6 +78,8 @@ class Kernel:
     inplace: bool = False
     band_pads: bool = False
     run_rows: Callable | None = None
+    parts: int = 1
+    run_part: Callable | None = None
 
 
 @dataclass(frozen=True)

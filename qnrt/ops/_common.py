@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-from ..backend import kernel
+from ..backend import jit_only, kernel
+from . import _blas
 from ..graph import GraphError
 from . import ACTIVATIONS
 
@@ -24,6 +25,19 @@ def njit(**options):
 
 
 MAX_RANK = 6
+
+# numpy's cblas_sgemm called from Numba code (qnrt.ops._blas): its address
+# (0: not found, kernels keep np.matmul) and integer width, passed to kernels
+SGEMM, SGEMM_ILP64 = _blas.ADDRESS, _blas.ILP64
+sgemm = jit_only("qnrt.ops._numba_ext", "sgemm")
+
+
+def sgemm_like_matmul(m: int, n: int) -> bool:
+    """Whether np.matmul of an (m, k) by a (k, n) float32 matrix calls sgemm
+    (it calls gemv or dot where m or n is 1), so a kernel calling sgemm itself
+    computes the same bits."""
+    return m >= 2 and n >= 2
+floats_at = jit_only("qnrt.ops._numba_ext", "floats_at")
 
 
 
@@ -58,6 +72,14 @@ def numba_const(a):
     Numba kernels are small (bias, slopes, depthwise weights)."""
     a = np.ascontiguousarray(a, dtype=np.float32)
     return a if a.flags.writeable else a.copy()
+
+
+def readonly(a):
+    """A read-only view: large weights reach Numba read-only whether the file is
+    memory-mapped or decoded, so each kernel compiles one specialization."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def int_list(a):
@@ -367,8 +389,41 @@ def copy6(src, soff, ss, dst, doff, ds, shape):
                     _copy2(src[i:], dst[o:], shape[4], shape[5], ss[4], ss[5], ds[4], ds[5])
 
 
+def address(a: np.ndarray) -> int:
+    """Where a's first element is (for kernels that take arrays by address)."""
+    return a.__array_interface__["data"][0]
+
+
 def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     """a and b start at the same address (an in-place step: the compiler gave
     the output its input's buffer)."""
     return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
+
+
+# --- parts: kernels that split over threads (qnrt.threads) -----------------------
+
+PART_MIN_NS = 25_000  # estimated time of one part: smaller kernels do not split
+MAX_PARTS = 8  # = qnrt.threads.MAX_PARTS (ops do not import the session's layers)
+NS_PER_MAC = 0.012  # BLAS's time per multiply-add on this class of machine, for parts_for
+
+
+def parts_for(units: int, ns_per_unit: float) -> int:
+    """How many parts a kernel of `units` independent pieces of about
+    ns_per_unit each splits into: none under PART_MIN_NS a part, at most
+    MAX_PARTS (fixed by the work, never by the thread count, so the arena plan
+    and the arithmetic are the same for any number of threads)."""
+    return max(1, min(MAX_PARTS, units, int(units * ns_per_unit // PART_MIN_NS)))
+
+
+def split_ranges(units: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each of `parts` near-equal contiguous ranges of range(units)."""
+    return [(units * p // parts, units * (p + 1) // parts) for p in range(parts)]
+
+
+def serial_run(run_part, parts: int):
+    """run(ins, outs, workspace, *rows): every part in order, in this thread."""
+    def run(*args):
+        for part in range(parts):
+            run_part(part, *args)
+    return run

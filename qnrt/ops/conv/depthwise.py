@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import Kernel
-from .._common import act_row, act_vec, njit, numba_const, same_memory
+from .._common import (act_row, act_vec, njit, numba_const, parts_for, same_memory,
+                       serial_run, split_ranges)
 from .._common import valid_range as _valid
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -21,6 +22,7 @@ NHWC_MAX_WIDTH = 64  # depthwise outputs narrower than this go channels-last ...
 NHWC_MAX_BYTES = 2 * 1024 * 1024  # ... if the transposed image fits this workspace
 DW3X3_NHWC_MAX_WIDTH = 12  # ... or, for 3x3/s1/p1 (whose plane kernels are faster), this
 DW3X3_PAD_MAX_WIDTH = 24  # 3x3/s1/p1 narrower than this: the zero-padded flat kernel
+NS_PER_TAP = 0.08  # time per multiply-add of the 3x3 loops, for splitting into parts
 
 
 def _depthwise_weights(spec):
@@ -49,7 +51,9 @@ def build_nhwc(spec) -> Kernel:
     cin, cout, kh, kw, hw, ohw = g.cin, g.cout, g.kh, g.kw, g.hw, g.ohw
     (sh, sw), (dh, dw), (ph, pw) = g.strides, g.dilations, g.pads_begin
     taps = _nhwc_taps(g.h, g.w, g.oh, g.ow, kh, kw, sh, sw, ph, pw, dh, dw)
-    nhwc_bytes = _nhwc_bytes(g)
+    nhwc_bytes = _nhwc_bytes(g)  # per part: one image channels-last, in and out
+    parts = parts_for(g.n, NS_PER_TAP * kh * kw * ohw * cin)  # each part: a range of images
+    ranges = split_ranges(g.n, parts)
     kind, a, b = epi.code, epi.a, epi.b
 
     def weights_t(w):  # (K3, C), zero rows for the padding taps
@@ -58,13 +62,15 @@ def build_nhwc(spec) -> Kernel:
         return wt
     wt_c = weights_t(spec.weights) if spec.has_const_weights else None
 
-    def run(ins, outs, workspace):
+    def run_part(part, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[:nhwc_bytes].view(np.float32)
+        ws = workspace[nhwc_bytes * part:nhwc_bytes * (part + 1)].view(np.float32)
         _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
                  slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
-                 ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b)
-    return Kernel(run, workspace=nhwc_bytes, row_block=1, inplace=True, band_pads=True)  # x[n] read first
+                 ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b, *ranges[part])
+    return Kernel(serial_run(run_part, parts), workspace=nhwc_bytes * parts, row_block=1,
+                  inplace=True, band_pads=True, parts=parts,  # x[n] read first
+                  run_part=run_part)
 
 
 def _nhwc_taps(h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
@@ -95,17 +101,18 @@ def _transpose2(src, dst):
 
 
 @njit(cache=True)
-def _dw_nhwc(x, wt, taps, bias, slope, y, xt, yt, kind, a, b):
+def _dw_nhwc(x, wt, taps, bias, slope, y, xt, yt, kind, a, b, n0, n1):
     """Depthwise conv (multiplier 1) for small planes, whose rows are too short
     to vectorize: transpose the image to channels-last in the workspace, then
     each output pixel is a sum of (weight row * input row) over all channels.
     taps[p] lists the input pixel of each tap for output pixel p (the zero row
     xt[H*W] for taps in the padding), in groups of three so that one pass
-    accumulates three taps; wt (taps.shape[1], C) is zero for the padding taps."""
-    n_, c_ = x.shape[0], x.shape[1]
+    accumulates three taps; wt (taps.shape[1], C) is zero for the padding taps.
+    Images n0 .. n1 - 1 only."""
+    c_ = x.shape[1]
     hw, ohw = xt.shape[0] - 1, yt.shape[0]
     xt[hw, :] = 0
-    for n in range(n_):
+    for n in range(n0, n1):
         _transpose2(x[n].reshape(c_, hw), xt)
         for p in range(ohw):
             acc, tp = yt[p], taps[p]
@@ -144,61 +151,69 @@ def build_dw3x3_padded(spec) -> Kernel:
     g, epi = spec.geometry, spec.epilogue
     wd, oh, mult = _depthwise_weights(spec), g.oh, g.multiplier
     sp = g.w + 1
-    pad_bytes = FLOAT * ((oh + 2) * sp + 1 + oh * sp)
+    pad_floats = (oh + 2) * sp + 1 + oh * sp  # one part's padded plane and output rows
+    planes = g.n * g.cout
+    parts = parts_for(planes, NS_PER_TAP * 9 * g.ohw)
+    ranges = split_ranges(planes, parts)
     kind, a, b = epi.code, epi.a, epi.b
 
-    def run(ins, outs, workspace):
+    def run_part(part, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[:pad_bytes].view(np.float32)
+        ws = workspace[FLOAT * pad_floats * part:FLOAT * pad_floats * (part + 1)].view(np.float32)
+        q0, q1 = ranges[part]
         _dw3x3_padded(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
-                      kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:])
-    return Kernel(run, workspace=pad_bytes, row_block=1, inplace=True)  # each plane copied first
+                      kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:], q0, q1)
+    return Kernel(serial_run(run_part, parts), workspace=FLOAT * pad_floats * parts,
+                  row_block=1, inplace=True, parts=parts,  # each plane copied first
+                  run_part=run_part)
 
 
 @njit(cache=True)
-def _dw3x3_padded(x, w, bias, slope, y, mult, kind, a, b, xp, yp):
+def _dw3x3_padded(x, w, bias, slope, y, mult, kind, a, b, xp, yp, q0, q1):
     """Depthwise 3x3, stride 1, pad 1 for narrow planes, where the per-row
     and per-border work of _dw3x3_plane dominates: each plane is copied into
     xp with a zero row above and below and one zero column between rows
     (row stride W + 1, which pads both the right of a row and the left of the
     next), then every output pixel is one flat loop over xp (into yp, same
     stride; the zero-column positions are computed and dropped) and the rows
-    are copied out. xp: (H + 2) * (W + 1) + 1 floats, yp: H * (W + 1)."""
+    are copied out. xp: (H + 2) * (W + 1) + 1 floats, yp: H * (W + 1). Only
+    planes q0 .. q1 - 1 (plane q: image q // M, output channel q % M)."""
     h, wd = x.shape[2], x.shape[3]
     s_ = wd + 1
     span = h * s_ - 1
     xp[:] = 0
     leaky = kind == 2 or kind == 7
-    for n in range(x.shape[0]):
-        for m in range(y.shape[1]):
-            xc, yc, k, bm = x[n, m // mult], y[n, m], w[m, 0], bias[m]
-            sl = slope[m] if kind == 2 else np.float32(a)
-            for i in range(h):
-                src, dst = xc[i], xp[(i + 1) * s_ + 1:]
-                for j in range(wd):
-                    dst[j] = src[j]
-            w00, w01, w02, w10, w11, w12 = k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2]
-            w20, w21, w22 = k[2, 0], k[2, 1], k[2, 2]
-            t0, t1, t2 = xp[0:], xp[1:], xp[2:]
-            m0, m1, m2 = xp[s_:], xp[s_ + 1:], xp[s_ + 2:]
-            b0, b1, b2 = xp[2 * s_:], xp[2 * s_ + 1:], xp[2 * s_ + 2:]
-            if leaky:
-                for q in range(span):
-                    v = bm + (w00 * t0[q] + w01 * t1[q] + w02 * t2[q]
+    m_ = y.shape[1]
+    for plane in range(q0, q1):
+        n, m = plane // m_, plane % m_
+        xc, yc, k, bm = x[n, m // mult], y[n, m], w[m, 0], bias[m]
+        sl = slope[m] if kind == 2 else np.float32(a)
+        for i in range(h):
+            src, dst = xc[i], xp[(i + 1) * s_ + 1:]
+            for j in range(wd):
+                dst[j] = src[j]
+        w00, w01, w02, w10, w11, w12 = k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2]
+        w20, w21, w22 = k[2, 0], k[2, 1], k[2, 2]
+        t0, t1, t2 = xp[0:], xp[1:], xp[2:]
+        m0, m1, m2 = xp[s_:], xp[s_ + 1:], xp[s_ + 2:]
+        b0, b1, b2 = xp[2 * s_:], xp[2 * s_ + 1:], xp[2 * s_ + 2:]
+        if leaky:
+            for q in range(span):
+                v = bm + (w00 * t0[q] + w01 * t1[q] + w02 * t2[q]
+                          + w10 * m0[q] + w11 * m1[q] + w12 * m2[q]
+                          + w20 * b0[q] + w21 * b1[q] + w22 * b2[q])
+                yp[q] = v if v >= 0 else v * sl
+        else:
+            for q in range(span):
+                yp[q] = bm + (w00 * t0[q] + w01 * t1[q] + w02 * t2[q]
                               + w10 * m0[q] + w11 * m1[q] + w12 * m2[q]
                               + w20 * b0[q] + w21 * b1[q] + w22 * b2[q])
-                    yp[q] = v if v >= 0 else v * sl
-            else:
-                for q in range(span):
-                    yp[q] = bm + (w00 * t0[q] + w01 * t1[q] + w02 * t2[q]
-                                  + w10 * m0[q] + w11 * m1[q] + w12 * m2[q]
-                                  + w20 * b0[q] + w21 * b1[q] + w22 * b2[q])
-            for i in range(h):
-                src, dst = yp[i * s_:], yc[i]
-                for j in range(wd):
-                    dst[j] = src[j]
-            if not leaky and kind != 0:
-                act_row(yc.reshape(h * wd), np.float32(0), slope[m], kind, a, b)
+        for i in range(h):
+            src, dst = yp[i * s_:], yc[i]
+            for j in range(wd):
+                dst[j] = src[j]
+        if not leaky and kind != 0:
+            act_row(yc.reshape(h * wd), np.float32(0), slope[m], kind, a, b)
 
 
 # --- conv.dw3x3.plane ---------------------------------------------------------
@@ -213,42 +228,50 @@ def build_dw3x3_plane(spec) -> Kernel:
     zero = np.zeros(g.w, np.float32)  # the row above the first and below the last
     kind, a, b = epi.code, epi.a, epi.b
     plane_bytes = FLOAT * g.h * g.w if mult == 1 else 0  # the in-place copy of one plane
+    planes = g.n * g.cout
+    parts = parts_for(planes, NS_PER_TAP * 9 * g.ohw)
+    ranges = split_ranges(planes, parts)
 
-    def run_rows(ins, outs, workspace, r0, r1):
+    def run_part(part, ins, outs, workspace, r0=0, r1=g.h):
         bias, slope = epi.operands(ins)
         w = wd if wd is not None else ins[1]
+        q0, q1 = ranges[part]
         if plane_bytes and same_memory(ins[0], outs[0]):
+            at = plane_bytes * part
             _dw3x3_inplace(outs[0], w, bias, slope, kind, a, b, zero,
-                           workspace[:plane_bytes].view(np.float32).reshape(g.h, g.w))
+                           workspace[at:at + plane_bytes].view(np.float32).reshape(g.h, g.w),
+                           q0, q1)
         else:
-            _dw3x3(ins[0], w, bias, slope, outs[0], mult, kind, a, b, zero, r0, r1)
+            _dw3x3(ins[0], w, bias, slope, outs[0], mult, kind, a, b, zero, r0, r1, q0, q1)
 
-    def run(ins, outs, workspace):
-        run_rows(ins, outs, workspace, 0, g.h)
-    return Kernel(run, workspace=plane_bytes, row_block=1, inplace=mult == 1,
-                  run_rows=run_rows)
+    run = serial_run(run_part, parts)  # (ins, outs, workspace[, r0, r1])
+    return Kernel(run, workspace=plane_bytes * parts, row_block=1, inplace=mult == 1,
+                  run_rows=run, parts=parts, run_part=run_part)
 
 
 @njit(cache=True)
-def _dw3x3(x, w, bias, slope, y, mult, kind, a, b, zero, r0, r1):
-    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane,
+def _dw3x3(x, w, bias, slope, y, mult, kind, a, b, zero, r0, r1, q0, q1):
+    """Depthwise 3x3, stride 1, pad 1 (QuickNet's) for W >= 2, plane by plane
+    (planes q0 .. q1 - 1; plane q: image q // M, output channel q % M),
     output rows [r0, r1) only; zero: W zeros (the padding rows)."""
-    for n in range(x.shape[0]):
-        for m in range(y.shape[1]):
-            _dw3x3_plane(x[n, m // mult], y[n, m], w[m, 0], bias[m], slope[m], zero,
-                         kind, a, b, r0, r1)
+    m_ = y.shape[1]
+    for q in range(q0, q1):
+        n, m = q // m_, q % m_
+        _dw3x3_plane(x[n, m // mult], y[n, m], w[m, 0], bias[m], slope[m], zero,
+                     kind, a, b, r0, r1)
 
 
 @njit(cache=True)
-def _dw3x3_inplace(y, w, bias, slope, kind, a, b, zero, plane):
+def _dw3x3_inplace(y, w, bias, slope, kind, a, b, zero, plane, q0, q1):
     """_dw3x3 over its own input (multiplier 1): each plane is copied to
     `plane`, then computed from there over itself (TinyEngine's in-place
     depthwise: one plane of scratch instead of a second tensor)."""
-    for n in range(y.shape[0]):
-        for m in range(y.shape[1]):
-            plane[:, :] = y[n, m]
-            _dw3x3_plane(plane, y[n, m], w[m, 0], bias[m], slope[m], zero, kind, a, b,
-                         0, plane.shape[0])
+    m_ = y.shape[1]
+    for q in range(q0, q1):
+        n, m = q // m_, q % m_
+        plane[:, :] = y[n, m]
+        _dw3x3_plane(plane, y[n, m], w[m, 0], bias[m], slope[m], zero, kind, a, b,
+                     0, plane.shape[0])
 
 
 @njit(cache=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import Kernel
-from .._common import epilogue, njit
+from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, address, epilogue, floats_at,
+                       njit, parts_for, readonly, serial_run, sgemm, sgemm_like_matmul, split_ranges)
 from .._common import valid_range as _valid
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -39,24 +40,57 @@ def build_im2col(spec) -> Kernel:
     cg, mg, kk, ohw = g.cg, cout // group, g.cg * kh * kw, g.ohw
     block = tile_rows(kk, ow)
     tile = min(block, g.oh) * ow
-    wg = spec.weights.reshape(group, mg, kk) if spec.has_const_weights else None
+    wg = readonly(spec.weights.reshape(group, mg, kk)) if spec.has_const_weights else None
     kind, a, b, active = epi.code, epi.a, epi.b, epi.active
+    tiles = [(i, t0, min(tile, ohw - t0)) for i in range(n) for t0 in range(0, ohw, tile)]
+    tile_table = np.array(tiles, np.int64).reshape(-1, 3)
+    parts = parts_for(len(tiles), NS_PER_MAC * cout * kk * tile)
+    ranges = split_ranges(len(tiles), parts)
+    cols_bytes = FLOAT * kk * tile  # per part: the columns of one tile
+    direct = bool(SGEMM) and sgemm_like_matmul(mg, min(t for _, _, t in tiles))
 
-    def run(ins, outs, workspace):
-        x, y3 = ins[0], outs[0].reshape(n, cout, ohw)
+    def run_part(part, ins, outs, workspace):
+        x, y = ins[0], outs[0]
         wm = wg if wg is not None else ins[1].reshape(group, mg, kk)
         bias, slope = epi.operands(ins)
-        cols = workspace[:FLOAT * kk * tile].view(np.float32)
-        for i in range(n):
-            for t0 in range(0, ohw, tile):
-                t = min(tile, ohw - t0)
-                col = cols[:kk * t].reshape(kk, t)
-                for gi in range(group):
-                    _im2col(x, i, gi * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, t0, col)
-                    np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
-                if active:
-                    epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
-    return Kernel(run, workspace=FLOAT * kk * tile, row_block=block, band_pads=True)
+        cols = workspace[cols_bytes * part:cols_bytes * (part + 1)].view(np.float32)
+        if direct:  # the whole part in one call, without the GIL
+            _im2col_tiles(SGEMM, SGEMM_ILP64, x, wm, address(y), y.strides[0] >> 2,
+                          y.strides[1] >> 2, tile_table, ranges[part][0], ranges[part][1],
+                          cols, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, bias, slope, kind,
+                          a, b, active)
+            return
+        y3 = y.reshape(n, cout, ohw)
+        for i, t0, t in tiles[ranges[part][0]:ranges[part][1]]:
+            col = cols[:kk * t].reshape(kk, t)
+            for gi in range(group):
+                _im2col(x, i, gi * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, t0, col)
+                np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
+            if active:
+                epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
+    return Kernel(serial_run(run_part, parts), workspace=cols_bytes * parts, row_block=block,
+                  band_pads=True, parts=parts, run_part=run_part)
+
+
+@njit(cache=True)
+def _im2col_tiles(fn, ilp64, x, w, y_at, y_image, y_ld, tiles, q0, q1, cols, cg, kh, kw, sh,
+                  sw, ph, pw, dh, dw, ow, bias, slope, kind, a, b, active):
+    """Tiles q0 .. q1 - 1 of conv.im2col in one call: per tile (image i,
+    output columns t0 .. t0 + t) and group, the im2col columns, one sgemm into
+    Y (by address: a band of rows may be a strided view; image and channel
+    strides in floats), then the epilogue while the tile is in cache."""
+    group, mg, kk = w.shape
+    for q in range(q0, q1):
+        i, t0, t = tiles[q, 0], tiles[q, 1], tiles[q, 2]
+        col = cols[:kk * t].reshape((kk, t))
+        for gi in range(group):
+            _im2col(x, i, gi * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, t0, col)
+            sgemm(fn, ilp64, mg, t, kk, w.ctypes.data + 4 * gi * mg * kk, kk, col.ctypes.data, t,
+                  y_at + 4 * (i * y_image + gi * mg * y_ld + t0), y_ld)
+        if active:
+            for c in range(group * mg):
+                act_row(floats_at(y_at + 4 * (i * y_image + c * y_ld + t0), t), bias[c], slope[c],
+                        kind, a, b)
 
 
 @njit(cache=True)

@@ -1,0 +1,249 @@
+"""Threads inside a step: a Session's worker pool, and numpy's BLAS kept to one
+thread while qnrt runs.
+
+A kernel that splits (Kernel.parts > 1) computes disjoint pieces of its
+output in `run_part(part, ins, outs, workspace, ...)`: each piece with the
+same arithmetic as the whole run and its own slice of the workspace, so the
+pieces may run in any order on any thread and the outputs are the same bits
+whatever the thread count. The parts are fixed when the kernel is built (at
+most MAX_PARTS), never by the thread count, so the arena plan does not depend
+on it either.
+
+The workers are Python threads: the kernels release the GIL (Numba's nogil,
+the `qnrt compile` build's exports, and numpy's matmul), so they run on
+separate cores. While a run is in progress numpy's BLAS is set to one thread
+(its own threads would compete with the workers for the same cores) and
+set back to the caller's setting when the last concurrent run ends.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import glob
+import itertools
+import logging
+import os
+import threading
+import warnings
+
+log = logging.getLogger("qnrt")
+
+MAX_PARTS = 8  # pieces a kernel splits into at most: threads beyond this have nothing to do
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_threads(num_threads) -> int:
+    """The thread count a Session uses: num_threads, or for 0 / None every core
+    the process may use (as ONNX Runtime's intra_op_num_threads=0), at most
+    MAX_PARTS."""
+    if num_threads is None or num_threads == 0:
+        return max(1, min(available_cores(), MAX_PARTS))
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
+        raise ValueError(f"num_threads must be a non-negative int (0: all cores), "
+                         f"not {num_threads!r}")
+    return min(num_threads, MAX_PARTS)
+
+
+class OversubscriptionWarning(UserWarning):
+    """More qnrt threads are running at once than the process has cores."""
+
+
+class WorkerPool:
+    """`threads - 1` daemon worker threads, started at the first call that has
+    parts for them; the caller's thread is the other one. run_parts(fn, parts,
+    args) calls fn(part, *args) for every part in range(parts), spread over
+    the threads, and returns when all are done (re-raising the first exception
+    a part raised). Nothing is allocated per call beyond the call's own frames."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._job = None
+        self._errors: list = []
+        self._wake: list = []
+        self._done: list = []
+        self._workers: list = []
+        self._closed = False
+        self._start_lock = threading.Lock()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._workers or self._closed:
+                return
+            self._wake = [threading.Lock() for _ in range(self.threads - 1)]
+            self._done = [threading.Lock() for _ in range(self.threads - 1)]
+            for lock in self._wake + self._done:
+                lock.acquire()
+            workers = [threading.Thread(target=self._work, args=(i,), daemon=True,
+                                        name=f"qnrt-worker-{i + 1}")
+                       for i in range(self.threads - 1)]
+            for t in workers:
+                t.start()
+            self._workers = workers
+
+    def _work(self, i: int) -> None:
+        wake, done = self._wake[i], self._done[i]
+        while True:
+            wake.acquire()
+            if self._closed:
+                done.release()
+                return
+            self._drain()
+            done.release()
+
+    def _drain(self) -> None:
+        fn, args, parts, counter = self._job
+        try:
+            for part in counter:  # next() on itertools.count is atomic under the GIL
+                if part >= parts:
+                    break
+                fn(part, *args)
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+            self._errors.append(exc)
+
+    def run_parts(self, fn, parts: int, args: tuple) -> None:
+        if not self._workers:
+            self._start()
+        helpers = min(len(self._workers), parts - 1)
+        if helpers <= 0:
+            for part in range(parts):
+                fn(part, *args)
+            return
+        self._job = (fn, args, parts, itertools.count())
+        for i in range(helpers):
+            self._wake[i].release()
+        self._drain()
+        for i in range(helpers):
+            self._done[i].acquire()
+        self._job = None
+        if self._errors:
+            exc, self._errors = self._errors[0], []
+            raise exc
+
+    def close(self) -> None:
+        """Ends the workers (the owning Session does this when it is collected;
+        the workers hold the pool, so it is never collected while they run)."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for i in range(len(self._workers)):
+            self._wake[i].release()
+        for i, t in enumerate(self._workers):
+            self._done[i].acquire()
+            t.join()
+
+
+def parallel(kernel_fn, parts: int, pool: WorkerPool | None):
+    """A callable with kernel_fn's serial signature minus the part index that runs
+    every part: on the pool's threads, or in order in this thread."""
+    if pool is None or pool.threads == 1 or parts <= 1:
+        def serial(*args):
+            for part in range(parts):
+                kernel_fn(part, *args)
+        return serial
+
+    def threaded(*args):
+        pool.run_parts(kernel_fn, parts, args)
+    return threaded
+
+
+# --- numpy's BLAS ----------------------------------------------------------------
+
+class BlasThreads:
+    """Sets numpy's OpenBLAS to one thread while any qnrt run is in progress
+    and back to what it was when the last one ends. BLAS results do not depend
+    on its thread count (tests/test_threads.py checks qnrt's), only the cores it
+    competes for. Without an OpenBLAS that numpy loaded, it does nothing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._threads_running = 0
+        self._saved = None
+        self._get, self._set = _openblas_functions()
+        self.warned = False
+
+    @property
+    def controllable(self) -> bool:
+        return self._set is not None
+
+    def enter(self, threads: int) -> bool:
+        """Returns whether the process now runs more qnrt threads than cores."""
+        with self._lock:
+            if self._active == 0 and self._set is not None:
+                self._saved = self._get()
+                if self._saved != 1:
+                    self._set(1)
+            self._active += 1
+            self._threads_running += threads
+            return self._threads_running > available_cores()
+
+    def exit(self, threads: int) -> None:
+        with self._lock:
+            self._active -= 1
+            self._threads_running -= threads
+            if self._active == 0 and self._set is not None and self._saved not in (None, 1):
+                self._set(self._saved)
+
+
+def _openblas_functions():
+    """(get, set) of the OpenBLAS numpy links to, found without importing a
+    BLAS helper package; (None, None) elsewhere."""
+    try:
+        import numpy as np
+        folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+        libs = sorted(glob.glob(os.path.join(folder, "*openblas*")))
+        if not libs:
+            from numpy import _core as core  # a system numpy: whatever it loaded
+            libs = [core._multiarray_umath.__file__]
+        lib = ctypes.CDLL(libs[0])
+    except (ImportError, OSError, AttributeError):
+        return None, None
+    for get_name, set_name in (
+            ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+            ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+            ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+            ("openblas_get_num_threads", "openblas_set_num_threads")):
+        get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
+        if get is not None and set_ is not None:
+            get.restype, get.argtypes = ctypes.c_int, []
+            set_.restype, set_.argtypes = None, [ctypes.c_int]
+            return get, set_
+    return None, None
+
+
+_BLAS: BlasThreads | None = None
+_BLAS_LOCK = threading.Lock()
+
+
+def blas_threads() -> BlasThreads:
+    """The process's one BlasThreads (numpy's BLAS is one per process)."""
+    global _BLAS
+    with _BLAS_LOCK:
+        if _BLAS is None:
+            _BLAS = BlasThreads()
+        return _BLAS
+
+
+def warn_oversubscribed(threads: int) -> None:
+    warnings.warn(f"qnrt sessions are running more threads at once than the "
+                  f"{available_cores()} cores this process has (this one uses {threads}); "
+                  "they slow each other down: give each Session fewer num_threads",
+                  OversubscriptionWarning, stacklevel=3)
+
+
+def threaded(kernel, pool: WorkerPool | None):
+    """The kernel with run (and run_rows) spreading its parts over the pool's
+    threads; the kernel itself where it does not split or there is no pool."""
+    if pool is None or pool.threads == 1 or kernel.parts <= 1 or kernel.run_part is None:
+        return kernel
+    run = parallel(kernel.run_part, kernel.parts, pool)
+    return dataclasses.replace(kernel, run=run,
+                               run_rows=run if kernel.run_rows is not None else None)

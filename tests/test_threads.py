@@ -1,0 +1,268 @@
+"""Threads inside a step (qnrt.threads): kernels that split into parts give the
+same bits on any number of threads, in any order of parts, and as the plain
+np.matmul loops the direct sgemm calls replace; the kernels run without the
+GIL; numpy's BLAS is kept to one thread during a run and given back after;
+the options users know (num_threads, sess_options.intra_op_num_threads,
+qnrt run --threads) are honoured."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import qnrt
+from qnrt import threads
+from qnrt.compiler import compile_program
+from qnrt.ops import _common
+from qnrt.session import Session, SessionOptions
+
+from test_streaming import CHAIN_KERNELS, bits, random_chain
+
+MODEL = "models/quicknet_digits.qnb"
+# more threads than this machine's cores, on purpose: the warning is tested on its own
+pytestmark = pytest.mark.filterwarnings("ignore::qnrt.threads.OversubscriptionWarning")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def split_steps(session: Session, shape) -> int:
+    return sum(s.kernel.parts > 1 for s in session.prepare({"input": shape}).steps)
+
+
+def test_parts_split_large_kernels_only():
+    assert _common.parts_for(1, 1e9) == 1
+    assert _common.parts_for(100, 1.0) == 1  # 100 ns of work: not worth a thread
+    assert _common.parts_for(100, 1e6) == _common.MAX_PARTS
+    assert _common.split_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert threads.MAX_PARTS == _common.MAX_PARTS
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 96, 80), (1, 3, 160, 160)])
+def test_quicknet_same_bits_on_any_thread_count(shape):
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    want = Session(MODEL, num_threads=1).run(None, {"input": x})[0]
+    for n, streaming in ((2, True), (3, True), (2, False)):
+        s = Session(MODEL, num_threads=n, streaming=streaming)
+        assert s.num_threads == n
+        if shape[2] >= 96:
+            assert split_steps(s, shape) > 0  # the threads really get parts
+        for _ in range(2):  # the pool is reused from run to run
+            assert np.array_equal(bits(s.run(None, {"input": x})[0]), bits(want)), (n, streaming)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_chains_split_into_parts_same_bits(seed, monkeypatch):
+    """Every kernel split as finely as it can (PART_MIN_NS=1) and its parts run on
+    three threads, or one after another in reverse order: the same bits as the
+    unsplit kernels, streamed or not."""
+    graph, shape = random_chain(seed)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    kernels = CHAIN_KERNELS[seed % len(CHAIN_KERNELS)]
+    try:
+        want = Session(graph, kernels=kernels, num_threads=1, streaming=False).run(None, {"x": x})[0]
+    except qnrt.GraphError:
+        pytest.skip("a kernel choice that does not apply to this chain")
+    monkeypatch.setattr(_common, "PART_MIN_NS", 1)
+    split = Session(graph, kernels=kernels, num_threads=3)
+    program = split.prepare({"x": shape})
+    for streaming in (True, False):
+        s = Session(graph, kernels=kernels, num_threads=3, streaming=streaming)
+        assert np.array_equal(bits(s.run(None, {"x": x})[0]), bits(want)), streaming
+    # parts in reverse order, one thread: each writes only its own share
+    session = Session(graph, kernels=kernels, num_threads=1, streaming=False)
+    program = compile_program(session.graph, session._consts, {"x": shape},
+                              session._kernel_choice, streaming=False)
+    for name, value in {"x": x}.items():
+        np.copyto(program.views[name], value)
+    for step in program.steps:
+        k = step.kernel
+        if k.parts > 1:
+            for part in reversed(range(k.parts)):
+                k.run_part(part, step.inputs, step.outputs, step.workspace)
+        else:
+            k.run(step.inputs, step.outputs, step.workspace)
+    assert np.array_equal(bits(program.steps[-1].outputs[0]), bits(want))
+
+
+SAME_AS_MATMUL = r"""
+import json, sys
+import numpy as np
+import qnrt
+from qnrt.ops import _common
+sys.path.insert(0, "tests")
+from test_streaming import random_chain
+_common.PART_MIN_NS = 1  # every kernel in parts: the direct calls take every branch
+out = {}
+for shape in [(1, 3, 32, 32), (3, 3, 45, 61), (1, 3, 16, 16), (5, 3, 16, 16)]:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for streaming in (True, False):
+        s = qnrt.Session("models/quicknet_digits.qnb", num_threads=2, streaming=streaming)
+        out[f"{shape}{streaming}"] = s.run(None, {"input": x})[0]
+for seed in range(12):
+    graph, shape = random_chain(seed)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    for kernels in ("auto", {"Conv": "conv.im2col"}):
+        try:
+            out[f"{seed}{kernels}"] = qnrt.Session(graph, kernels=kernels).run(None, {"x": x})[0]
+        except qnrt.GraphError:
+            pass
+np.savez(sys.argv[1], **out)
+print(json.dumps(_common.SGEMM != 0))
+"""
+
+
+def test_direct_sgemm_gives_the_bits_of_numpy_matmul(tmp_path):
+    """conv.pointwise.gemm, .batched and conv.im2col call numpy's cblas_sgemm from
+    Numba; QNRT_NUMPY_MATMUL=1 gives the np.matmul loops they replace."""
+    got = {}
+    for name, flag in (("direct", "0"), ("matmul", "1")):
+        env = dict(os.environ, QNRT_NUMPY_MATMUL=flag)
+        path = tmp_path / f"{name}.npz"
+        proc = subprocess.run([sys.executable, "-c", SAME_AS_MATMUL, str(path)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got[name] = (json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(path)))
+    assert got["direct"][0] is True and got["matmul"][0] is False
+    a, b = got["direct"][1], got["matmul"][1]
+    assert a.keys() == b.keys() and len(a) >= 20
+    for key in a:
+        assert np.array_equal(bits(a[key]), bits(b[key])), key
+
+
+def test_kernels_run_without_the_gil():
+    """While a kernel runs in another thread, this thread keeps running Python."""
+    from qnrt.ops.conv import pointwise
+    if not _common.SGEMM:
+        pytest.skip("numpy's BLAS has no cblas_sgemm qnrt can call")
+    rng = np.random.default_rng(0)
+    cin = cout = 256
+    x = rng.standard_normal((1, cin, 128, 128)).astype(np.float32)
+    y = np.empty((1, cout, 128, 128), np.float32)
+    w = rng.standard_normal((cout, cin)).astype(np.float32)
+    blocks = np.array([(0, t, t + 256) for t in range(0, 128 * 128, 256)], np.int64)
+    zeros = np.zeros(cout, np.float32)
+    args = (_common.SGEMM, _common.SGEMM_ILP64, w, _common.address(x), cin * 128 * 128,
+            128 * 128, _common.address(y), cout * 128 * 128, 128 * 128, blocks, 0, len(blocks),
+            pointwise._NO_SCRATCH, zeros, zeros, 2, 0.0, 0.0, True)
+    pointwise._pw_gemm(*args)  # compiled before timing
+    calls = 40
+
+    def work():
+        for _ in range(calls):
+            pointwise._pw_gemm(*args)
+    t = threading.Thread(target=work)
+    spins = 0
+    start = time.perf_counter()
+    t.start()
+    while t.is_alive():
+        spins += 1
+    elapsed = time.perf_counter() - start
+    # with the GIL held for the kernel's duration this loop would barely run
+    assert elapsed > 0.02 and spins > 2000 * elapsed, (spins, elapsed)
+    want = x.reshape(cin, -1).T @ w.T
+    np.testing.assert_allclose(y.reshape(cout, -1).T, np.maximum(want, 0), rtol=1e-4, atol=1e-3)
+
+
+def test_blas_is_one_thread_during_a_run_and_given_back():
+    tp = pytest.importorskip("threadpoolctl")
+    blas = threads.blas_threads()
+    if not blas.controllable:
+        pytest.skip("numpy's BLAS is not an OpenBLAS qnrt can set")
+    with tp.threadpool_limits(2, user_api="blas"):
+        seen = []
+        blas.enter(1)
+        seen.append(tp.threadpool_info()[0]["num_threads"])
+        blas.enter(1)  # a second concurrent run
+        blas.exit(1)
+        seen.append(tp.threadpool_info()[0]["num_threads"])
+        blas.exit(1)
+        seen.append(tp.threadpool_info()[0]["num_threads"])
+        assert seen == [1, 1, 2]
+        s = Session(MODEL, num_threads=2)
+        s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+        assert tp.threadpool_info()[0]["num_threads"] == 2
+
+
+def test_thread_options_as_onnx_runtime_users_know_them():
+    cores = threads.available_cores()
+    assert Session(MODEL).num_threads == min(cores, threads.MAX_PARTS)
+    assert Session(MODEL, num_threads=0).num_threads == min(cores, threads.MAX_PARTS)
+    assert Session(MODEL, num_threads=3).num_threads == 3
+    assert Session(MODEL, num_threads=99).num_threads == threads.MAX_PARTS
+    assert Session(MODEL, sess_options=SessionOptions(intra_op_num_threads=2)).num_threads == 2
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    assert Session(MODEL, opts).num_threads == 1
+    opts.inter_op_num_threads = 4
+    with pytest.warns(qnrt.IgnoredOptionWarning, match="inter_op_num_threads"):
+        Session(MODEL, opts)
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="num_threads"):
+            Session(MODEL, num_threads=bad)
+
+
+@pytest.mark.filterwarnings("default::qnrt.threads.OversubscriptionWarning")
+def test_more_threads_than_cores_at_once_is_said():
+    blas = threads.blas_threads()
+    s = Session(MODEL, num_threads=1)
+    x = {"input": np.zeros((1, 3, 32, 32), np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", threads.OversubscriptionWarning)
+        s.run(None, x)  # alone: no warning
+    blas.enter(threads.available_cores())  # as if other sessions held every core
+    try:
+        with pytest.warns(threads.OversubscriptionWarning, match="cores"):
+            s.run(None, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", threads.OversubscriptionWarning)
+            s.run(None, x)  # said once per Session
+    finally:
+        blas.exit(threads.available_cores())
+
+
+def test_worker_threads_start_when_needed_and_end_with_their_session():
+    s = Session(MODEL, num_threads=3)
+    assert s._pool is None or not s._pool._workers  # no threads before a step splits
+    s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    mine = list(s._pool._workers)
+    assert len(mine) == 2 and all(t.is_alive() for t in mine)
+    del s
+    gc.collect()
+    assert not any(t.is_alive() for t in mine)
+
+
+def test_an_exception_in_a_part_reaches_the_caller():
+    pool = threads.WorkerPool(3)
+    try:
+        def part(p, box):
+            if p == 5:
+                raise RuntimeError("part 5")
+            box.append(p)
+        box: list = []
+        with pytest.raises(RuntimeError, match="part 5"):
+            pool.run_parts(part, 8, (box,))
+        assert sorted(box) == [0, 1, 2, 3, 4, 6, 7]
+        box.clear()
+        pool.run_parts(lambda p, b: b.append(p), 8, (box,))  # the pool still works
+        assert sorted(box) == list(range(8))
+    finally:
+        pool.close()
+
+
+def test_cli_threads_option():
+    out = subprocess.run([sys.executable, "-m", "qnrt", "run", "--threads", "2", MODEL,
+                          "examples/digit_7.png"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "digit_7.png: 7" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "qnrt", "run", "--threads", "many", MODEL,
+                          "examples/digit_7.png"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "thread count" in bad.stderr
+    assert "Traceback" not in bad.stderr
