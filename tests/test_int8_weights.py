@@ -33,9 +33,10 @@ def test_skinny_int8_kernel_matches_numpy(kind, n, hw):
     y = np.empty((n, cout, hw), np.float32)
     xs = np.empty((SKINNY_COLS, cin), np.float32)
     yt = np.empty((SKINNY_COLS, cout), np.float32)
-    _pw_skinny(x, q, scale, xs, yt, y, bias, slope, ACT_CODES[kind], 0.0, 0.0, 0, cout)
+    ranges = np.array([[0, 16], [16, 48], [48, cout]], np.int64)
+    _pw_skinny(x, q, scale, xs, yt, y, bias, slope, ACT_CODES[kind], 0.0, 0.0, ranges, 0, 3)
     part = np.full_like(y, np.nan)  # one part: output channels 16 .. 47 only
-    _pw_skinny(x, q, scale, xs, yt, part, bias, slope, ACT_CODES[kind], 0.0, 0.0, 16, 48)
+    _pw_skinny(x, q, scale, xs, yt, part, bias, slope, ACT_CODES[kind], 0.0, 0.0, ranges, 1, 2)
     assert np.array_equal(part[:, 16:48], y[:, 16:48]) and np.isnan(part[:, :16]).all()
     assert np.isnan(part[:, 48:]).all()
     wd = q.astype(np.float64) * scale[:, None]

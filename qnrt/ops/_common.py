@@ -421,9 +421,14 @@ def split_ranges(units: int, parts: int) -> list[tuple[int, int]]:
     return [(units * p // parts, units * (p + 1) // parts) for p in range(parts)]
 
 
-def serial_run(run_part, parts: int):
-    """run(ins, outs, workspace, *rows): every part in order, in this thread."""
+def by_parts(run_span, parts: int):
+    """(run, run_part) of a kernel whose run_span(p0, p1, ins, outs, workspace,
+    *rows) computes parts p0 .. p1 - 1 in one call, in order, with part p0's
+    share of the workspace: run is every part in one call (one dispatch where
+    no threads share the work), run_part(part, ...) one part."""
     def run(*args):
-        for part in range(parts):
-            run_part(part, *args)
-    return run
+        run_span(0, parts, *args)
+
+    def run_part(part, *args):
+        run_span(part, part + 1, *args)
+    return run, run_part

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import Kernel
-from .._common import (act_row, act_vec, njit, numba_const, parts_for, same_memory,
-                       serial_run, split_ranges)
+from .._common import (act_row, act_vec, by_parts, njit, numba_const, parts_for, same_memory,
+                       split_ranges)
 from .._common import valid_range as _valid
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -62,13 +62,14 @@ def build_nhwc(spec) -> Kernel:
         return wt
     wt_c = weights_t(spec.weights) if spec.has_const_weights else None
 
-    def run_part(part, ins, outs, workspace):
+    def run_span(p0, p1, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[nhwc_bytes * part:nhwc_bytes * (part + 1)].view(np.float32)
+        ws = workspace[nhwc_bytes * p0:nhwc_bytes * (p0 + 1)].view(np.float32)
         _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
                  slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
-                 ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b, *ranges[part])
-    return Kernel(serial_run(run_part, parts), workspace=nhwc_bytes * parts, row_block=1,
+                 ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b, ranges[p0][0], ranges[p1 - 1][1])
+    run, run_part = by_parts(run_span, parts)
+    return Kernel(run, workspace=nhwc_bytes * parts, row_block=1,
                   inplace=True, band_pads=True, parts=parts,  # x[n] read first
                   run_part=run_part)
 
@@ -157,13 +158,14 @@ def build_dw3x3_padded(spec) -> Kernel:
     ranges = split_ranges(planes, parts)
     kind, a, b = epi.code, epi.a, epi.b
 
-    def run_part(part, ins, outs, workspace):
+    def run_span(p0, p1, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[FLOAT * pad_floats * part:FLOAT * pad_floats * (part + 1)].view(np.float32)
-        q0, q1 = ranges[part]
+        ws = workspace[FLOAT * pad_floats * p0:FLOAT * pad_floats * (p0 + 1)].view(np.float32)
+        q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
         _dw3x3_padded(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
                       kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:], q0, q1)
-    return Kernel(serial_run(run_part, parts), workspace=FLOAT * pad_floats * parts,
+    run, run_part = by_parts(run_span, parts)
+    return Kernel(run, workspace=FLOAT * pad_floats * parts,
                   row_block=1, inplace=True, parts=parts,  # each plane copied first
                   run_part=run_part)
 
@@ -232,19 +234,19 @@ def build_dw3x3_plane(spec) -> Kernel:
     parts = parts_for(planes, NS_PER_TAP * 9 * g.ohw)
     ranges = split_ranges(planes, parts)
 
-    def run_part(part, ins, outs, workspace, r0=0, r1=g.h):
+    def run_span(p0, p1, ins, outs, workspace, r0=0, r1=g.h):
         bias, slope = epi.operands(ins)
         w = wd if wd is not None else ins[1]
-        q0, q1 = ranges[part]
+        q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
         if plane_bytes and same_memory(ins[0], outs[0]):
-            at = plane_bytes * part
+            at = plane_bytes * p0
             _dw3x3_inplace(outs[0], w, bias, slope, kind, a, b, zero,
                            workspace[at:at + plane_bytes].view(np.float32).reshape(g.h, g.w),
                            q0, q1)
         else:
             _dw3x3(ins[0], w, bias, slope, outs[0], mult, kind, a, b, zero, r0, r1, q0, q1)
 
-    run = serial_run(run_part, parts)  # (ins, outs, workspace[, r0, r1])
+    run, run_part = by_parts(run_span, parts)  # (ins, outs, workspace[, r0, r1])
     return Kernel(run, workspace=plane_bytes * parts, row_block=1, inplace=mult == 1,
                   run_rows=run, parts=parts, run_part=run_part)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import Kernel
-from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, address, epilogue, floats_at,
-                       njit, parts_for, readonly, serial_run, sgemm, sgemm_like_matmul, split_ranges)
+from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, address, by_parts, epilogue,
+                       floats_at, njit, parts_for, readonly, sgemm, sgemm_like_matmul,
+                       split_ranges)
 from .._common import valid_range as _valid
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -49,26 +50,27 @@ def build_im2col(spec) -> Kernel:
     cols_bytes = FLOAT * kk * tile  # per part: the columns of one tile
     direct = bool(SGEMM) and sgemm_like_matmul(mg, min(t for _, _, t in tiles))
 
-    def run_part(part, ins, outs, workspace):
+    def run_span(p0, p1, ins, outs, workspace):
         x, y = ins[0], outs[0]
         wm = wg if wg is not None else ins[1].reshape(group, mg, kk)
         bias, slope = epi.operands(ins)
-        cols = workspace[cols_bytes * part:cols_bytes * (part + 1)].view(np.float32)
+        cols = workspace[cols_bytes * p0:cols_bytes * (p0 + 1)].view(np.float32)
         if direct:  # the whole part in one call, without the GIL
             _im2col_tiles(SGEMM, SGEMM_ILP64, x, wm, address(y), y.strides[0] >> 2,
-                          y.strides[1] >> 2, tile_table, ranges[part][0], ranges[part][1],
+                          y.strides[1] >> 2, tile_table, ranges[p0][0], ranges[p1 - 1][1],
                           cols, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, bias, slope, kind,
                           a, b, active)
             return
         y3 = y.reshape(n, cout, ohw)
-        for i, t0, t in tiles[ranges[part][0]:ranges[part][1]]:
+        for i, t0, t in tiles[ranges[p0][0]:ranges[p1 - 1][1]]:
             col = cols[:kk * t].reshape(kk, t)
             for gi in range(group):
                 _im2col(x, i, gi * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, ow, t0, col)
                 np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
             if active:
                 epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
-    return Kernel(serial_run(run_part, parts), workspace=cols_bytes * parts, row_block=block,
+    run, run_part = by_parts(run_span, parts)
+    return Kernel(run, workspace=cols_bytes * parts, row_block=block,
                   band_pads=True, parts=parts, run_part=run_part)
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import Kernel
-from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, act_vec, address, epilogue,
-                       floats_at, njit, parts_for, readonly, same_memory, serial_run, sgemm,
+from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, act_vec, address, by_parts,
+                       epilogue, floats_at, njit, parts_for, readonly, same_memory, sgemm,
                        sgemm_like_matmul, split_ranges)
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -54,33 +54,35 @@ def build_skinny(spec) -> Kernel:
     w_ro.flags.writeable = False  # one Numba specialization, mapped or not
     parts = parts_for(cout, NS_PER_WEIGHT * cin)  # each part: a range of W's rows
     ranges = split_ranges(cout, parts)
+    range_table = np.array(ranges, np.int64).reshape(-1, 2)
     most = max(hi - lo for lo, hi in ranges)
     part_floats = SKINNY_COLS * (cin + most)  # one part's X copy and product rows
     kind, a, b = epi.code, epi.a, epi.b
 
-    def run_part(part, ins, outs, workspace):
+    def run_span(p0, p1, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        co0, co1 = ranges[part]
-        ws = workspace[FLOAT * part_floats * part:FLOAT * part_floats * (part + 1)].view(np.float32)
+        ws = workspace[FLOAT * part_floats * p0:FLOAT * part_floats * (p0 + 1)].view(np.float32)
         _pw_skinny(ins[0].reshape(n, cin, hw), w_ro, scale,
                    ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
                    ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, most),
-                   outs[0].reshape(n, cout, hw), bias, slope, kind, a, b, co0, co1)
-    return Kernel(serial_run(run_part, parts), workspace=FLOAT * part_floats * parts,
-                  row_block=1, band_pads=True, parts=parts, run_part=run_part)
+                   outs[0].reshape(n, cout, hw), bias, slope, kind, a, b, range_table, p0, p1)
+    run, run_part = by_parts(run_span, parts)
+    return Kernel(run, workspace=FLOAT * part_floats * parts, row_block=1, band_pads=True,
+                  parts=parts, run_part=run_part)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
-def _pw_skinny(x3, w, scale, xs, yt, y3, bias, slope, kind, a, b, co0, co1):
-    """Output channels [co0, co1) of Y = W @ X for at most 4 columns in all
-    (images x pixels): the time is one pass over those rows of W (Cout, Cin),
-    read row by row in place (no copy, unlike BLAS's packing). W is float32,
-    or int8 with dot products scaled by scale[co] (compiled once per weight
-    dtype). X goes to xs (4, Cin), zero-padded; each output is a dot product
-    of a W row with an xs row, into yt (4, >= co1 - co0). Reassociating those
+def _pw_skinny(x3, w, scale, xs, yt, y3, bias, slope, kind, a, b, ranges, p0, p1):
+    """Parts p0 .. p1 - 1 of Y = W @ X for at most 4 columns in all (images x
+    pixels), part p being output channels ranges[p, 0] .. ranges[p, 1]: the
+    time is one pass over those rows of W (Cout, Cin), read row by row in
+    place (no copy, unlike BLAS's packing). W is float32, or int8 with dot
+    products scaled by scale[co] (compiled once per weight dtype). X goes to
+    xs (4, Cin), zero-padded; each output is a dot product of a W row with an
+    xs row, into yt (4, >= the widest part's channels). Reassociating those
     sums lets them vectorize; the error stays at float32 rounding level
-    (tested against the reference), and an output's arithmetic does not depend
-    on [co0, co1)."""
+    (tested against the reference), and an output's arithmetic does not
+    depend on the parts."""
     n_, cin, hw = x3.shape
     ncols = n_ * hw
     xs[:] = 0
@@ -91,35 +93,37 @@ def _pw_skinny(x3, w, scale, xs, yt, y3, bias, slope, kind, a, b, co0, co1):
             xs[j, c] = xn[c, p]
     x0, x1, x2, x3_ = xs[0], xs[1], xs[2], xs[3]
     y0, y1, y2, y3r = yt[0], yt[1], yt[2], yt[3]
-    for k in range(co1 - co0):
-        co = co0 + k
-        r = w[co]
-        s0 = np.float32(0)
-        s1 = np.float32(0)
-        s2 = np.float32(0)
-        s3 = np.float32(0)
-        for c in range(cin):
-            v = np.float32(r[c])
-            s0 += v * x0[c]
-            s1 += v * x1[c]
-            s2 += v * x2[c]
-            s3 += v * x3_[c]
-        sc = scale[co]
-        y0[k] = s0 * sc
-        y1[k] = s1 * sc
-        y2[k] = s2 * sc
-        y3r[k] = s3 * sc
-    m = co1 - co0
-    bias_p, slope_p = bias[co0:co1], slope[co0:co1]
-    for j in range(ncols):
-        row = yt[j][:m]
-        for k in range(m):
-            row[k] += bias_p[k]
-        act_vec(row, slope_p, kind, a, b)
-        yn = y3[j // hw]
-        p = j % hw
-        for k in range(m):
-            yn[co0 + k, p] = row[k]
+    for part in range(p0, p1):
+        co0, co1 = ranges[part, 0], ranges[part, 1]
+        for k in range(co1 - co0):
+            co = co0 + k
+            r = w[co]
+            s0 = np.float32(0)
+            s1 = np.float32(0)
+            s2 = np.float32(0)
+            s3 = np.float32(0)
+            for c in range(cin):
+                v = np.float32(r[c])
+                s0 += v * x0[c]
+                s1 += v * x1[c]
+                s2 += v * x2[c]
+                s3 += v * x3_[c]
+            sc = scale[co]
+            y0[k] = s0 * sc
+            y1[k] = s1 * sc
+            y2[k] = s2 * sc
+            y3r[k] = s3 * sc
+        m = co1 - co0
+        bias_p, slope_p = bias[co0:co1], slope[co0:co1]
+        for j in range(ncols):
+            row = yt[j][:m]
+            for k in range(m):
+                row[k] += bias_p[k]
+            act_vec(row, slope_p, kind, a, b)
+            yn = y3[j // hw]
+            p = j % hw
+            for k in range(m):
+                yn[co0 + k, p] = row[k]
 
 
 # --- conv.pointwise.batched ---------------------------------------------------
@@ -152,23 +156,24 @@ def build_batched(spec) -> Kernel:
     direct = bool(SGEMM) and sgemm_like_matmul(cout, min(c for _, c in chunks))
     kind, a, b = epi.code, epi.a, epi.b
 
-    def run_part(part, ins, outs, workspace):
+    def run_span(p0, p1, ins, outs, workspace):
         x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
         wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
         bias, slope = epi.operands(ins)
-        ws = workspace[ws_bytes * part:ws_bytes * (part + 1)].view(np.float32)
+        ws = workspace[ws_bytes * p0:ws_bytes * (p0 + 1)].view(np.float32)
         if direct:  # the whole part in one call, without the GIL
-            _batched(SGEMM, SGEMM_ILP64, wm, x3, y3, chunk_table, ranges[part][0],
-                     ranges[part][1], ws, cols, bias, slope, kind, a, b)
+            _batched(SGEMM, SGEMM_ILP64, wm, x3, y3, chunk_table, ranges[p0][0],
+                     ranges[p1 - 1][1], ws, cols, bias, slope, kind, a, b)
             return
-        for n0, c in chunks[ranges[part][0]:ranges[part][1]]:
+        for n0, c in chunks[ranges[p0][0]:ranges[p1 - 1][1]]:
             # (a short last chunk: smaller C-contiguous views)
             xv = ws[:cin * c].reshape(cin, c)
             yv = ws[cin * cols:cin * cols + cout * c].reshape(cout, c)
             _gather_images(x3, n0, xv)
             np.matmul(wm, xv, out=yv)
             _scatter_images(yv, y3, n0, bias, slope, kind, a, b)
-    return Kernel(serial_run(run_part, parts), workspace=ws_bytes * parts, parts=parts,
+    run, run_part = by_parts(run_span, parts)
+    return Kernel(run, workspace=ws_bytes * parts, parts=parts,
                   run_part=run_part)
 
 
@@ -242,27 +247,28 @@ def build_gemm(spec) -> Kernel:
     scratch = FLOAT * cin * min(rows, g.h) * w if cin == cout else 0
     direct = bool(SGEMM) and sgemm_like_matmul(cout, min(t1 - t0 for _, t0, t1 in blocks))
 
-    def run_part(part, ins, outs, workspace):
+    def run_span(p0, p1, ins, outs, workspace):
         x, y = ins[0], outs[0]
         wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
         bias, slope = epi.operands(ins)
         inplace = scratch and same_memory(x, y)
-        ws = workspace[part * scratch:(part + 1) * scratch].view(np.float32) if inplace else None
+        ws = workspace[p0 * scratch:(p0 + 1) * scratch].view(np.float32) if inplace else None
         if direct:  # the whole part in one call, without the GIL
             _pw_gemm(SGEMM, SGEMM_ILP64, wm, address(x), x.strides[0] >> 2, x.strides[1] >> 2,
                      address(y), y.strides[0] >> 2, y.strides[1] >> 2, block_table,
-                     ranges[part][0], ranges[part][1], ws if inplace else _NO_SCRATCH,
+                     ranges[p0][0], ranges[p1 - 1][1], ws if inplace else _NO_SCRATCH,
                      bias, slope, kind, a, b, active)
             return
         x3, y3 = x.reshape(n, cin, hw), y.reshape(n, cout, hw)
-        for i, t0, t1 in blocks[ranges[part][0]:ranges[part][1]]:
+        for i, t0, t1 in blocks[ranges[p0][0]:ranges[p1 - 1][1]]:
             xb, yi = x3[i][:, t0:t1], y3[i]
             if inplace:
                 xb = _copy_block(xb, ws[:cin * (t1 - t0)].reshape(cin, t1 - t0))
             np.matmul(wm, xb, out=yi[:, t0:t1])
             if active:
                 epilogue(yi, 0, cout, t0, t1, bias, slope, kind, a, b)
-    return Kernel(serial_run(run_part, parts), workspace=scratch * parts, row_block=rows,
+    run, run_part = by_parts(run_span, parts)
+    return Kernel(run, workspace=scratch * parts, row_block=rows,
                   strided_input=True, inplace=bool(scratch), band_pads=True, parts=parts,
                   run_part=run_part)
 
