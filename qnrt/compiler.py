@@ -331,6 +331,23 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
     return groups, layout, memory
 
 
+def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: int,
+                     arena_limit: int | None):
+    """Streamed groups whose output rows split into one range per thread
+    (streaming.split_rows), where the arena stays within arena_limit, or
+    without one no larger than one range's: each range needs band buffers of
+    its own, and a small arena is what streaming is for."""
+    from . import streaming
+    split = tuple(streaming.split_rows(g, threads) for g in groups)
+    if all(a is b for a, b in zip(split, groups)):
+        return groups, layout, memory
+    split_layout = _layout(graph, shapes, kernels, split)
+    split_memory = split_layout.plan(len(graph.nodes))
+    if split_memory.arena_bytes > max(memory.arena_bytes, arena_limit or 0):
+        return groups, layout, memory
+    return split, split_layout, split_memory
+
+
 def compile_program(graph: Graph, consts: dict, input_shapes: dict,
                     choice: KernelChoice = KernelChoice(), *, streaming: bool = True,
                     arena_limit: int | None = None, groups=None,
@@ -366,6 +383,9 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
     if wanted or arena_limit is not None or forced is not None:
         groups, layout, memory = _schedule(graph, shapes, kernels, consts, unfused,
                                            unfused_plan, arena_limit, choice, forced)
+    if groups and pool is not None and pool.threads > 1:
+        groups, layout, memory = _rows_on_threads(graph, shapes, kernels, groups, layout, memory,
+                                                  pool.threads, arena_limit)
     if arena_limit is not None and memory.arena_bytes > arena_limit:
         raise ArenaLimitError(f"no schedule fits arena_limit={arena_limit:,} bytes; the "
                               f"smallest arena reachable is {memory.arena_bytes:,} bytes",

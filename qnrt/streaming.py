@@ -33,7 +33,7 @@ import numpy as np
 from .graph import GraphError, Node
 from .ops import Kernel, OpDef, RowWindow, get_op
 from .planner import Buffer, aligned, place
-from .threads import threaded
+from .threads import parallel as threading_run, threaded
 
 FLOAT = np.dtype(np.float32).itemsize
 BANDS = (1, 2, 4, 8, 16)  # output rows per band the schedule tries
@@ -280,6 +280,7 @@ class GroupChoice:
     #                 until finalize() records the program)
     extra_ns: float  # estimated time above the unfused plan's
     program: "GroupProgram | None" = field(default=None, repr=False, compare=False)
+    row_parts: tuple = field(default=(), repr=False, compare=False)  # RowPart, by split_rows
 
 
 class Stats:
@@ -443,20 +444,38 @@ class GroupProgram:
     #                       here); None: simulated for its peak only, not placed
 
 
-def simulate(choice: GroupChoice, place: bool = True) -> GroupProgram:
+def first_rows(links, band_rows, start: int) -> list[int]:
+    """The first output row of each op when the last op starts at `start`:
+    the row block where the first rows its consumer's first band reads lie."""
+    first = [0] * len(links)
+    first[-1] = start
+    for j in range(len(links) - 1, 0, -1):
+        link = links[j]
+        if first[j] == 0:
+            break
+        win = link.window_of(first[j], min(link.out_shape[2], first[j] + band_rows[j]))
+        block = links[j - 1].block
+        first[j - 1] = win.i0 // block * block
+    return first
+
+
+def simulate(choice: GroupChoice, place: bool = True, rows: tuple | None = None) -> GroupProgram:
     """Run the group on paper. Each op pulls the rows its next band reads from
     its producer (which runs as many bands as that takes), copies them into
     one window (or reads them in place when its kernel takes strided input
     and one buffer holds them all), runs, and frees what no later band
-    reads: so only a few rows of each intermediate are alive at once."""
+    reads: so only a few rows of each intermediate are alive at once.
+    rows (start, end): only those output rows of the last op (start a
+    multiple of its row block); each op then starts at the first row block
+    the next one reads."""
     links, band_rows = list(choice.links), choice.rows
     m = len(links)
     actions: list = []
     mem = _Workspace(actions)
     pieces: list[list[Rows]] = [[] for _ in range(m)]  # rows of op j's input, by op j-1
-    produced = [0] * (m + 1)
-    produced[0] = links[0].in_shape[2]
-    next_row = [0] * m
+    end = links[-1].out_shape[2] if rows is None else rows[1]
+    next_row = first_rows(links, band_rows, 0 if rows is None else rows[0])
+    produced = [links[0].in_shape[2]] + next_row  # op j's input rows made (or not needed)
 
     def release(j: int, later: int | None, row_floats: int) -> list:
         """Op j's input pieces after a band: those no later band reads freed, the
@@ -478,7 +497,7 @@ def simulate(choice: GroupChoice, place: bool = True) -> GroupProgram:
 
     def produce(j: int) -> None:
         link = links[j]
-        oh = link.out_shape[2]
+        oh = link.out_shape[2] if j < m - 1 else end
         o0 = next_row[j]
         o1 = min(oh, o0 + band_rows[j])
         next_row[j] = o1
@@ -523,7 +542,7 @@ def simulate(choice: GroupChoice, place: bool = True) -> GroupProgram:
             pieces[j + 1].append(out)
             produced[j + 1] = o1
 
-    while next_row[m - 1] < links[-1].out_shape[2]:
+    while next_row[m - 1] < end:
         produce(m - 1)
     if not place:  # the schedule search: the peak, without offsets
         return GroupProgram(actions, mem.live_peak(), None)
@@ -587,18 +606,70 @@ def finalize(choice: GroupChoice, place: bool = True) -> GroupChoice:
                                + aligned(kernel_ws))
 
 
+@dataclass(frozen=True)
+class RowPart:
+    """Output rows [start, end) of a group's last op, simulated on their own:
+    their program, and the bytes of its band buffers and of its largest band
+    kernel's scratch (one after the other in the group's workspace)."""
+    start: int
+    end: int
+    program: GroupProgram
+    band_bytes: int
+    kernel_bytes: int
+
+
+def split_rows(choice: GroupChoice, parts: int) -> GroupChoice:
+    """The finalized group with its last op's output rows in `parts` ranges,
+    each a program of its own over its own band buffers, for as many threads.
+    Each range starts at a multiple of the last op's row block, and each op's
+    bands at multiples of its own, so every row comes out of the same band
+    kernels' arithmetic: the same bits as one range (the rows where ranges
+    meet are computed by both, and written by one). The workspace is the
+    ranges' own, added up."""
+    last = choice.links[-1]
+    oh, block = last.out_shape[2], last.block
+    starts = sorted({min(oh, round(oh * k / parts / block) * block) for k in range(parts)})
+    ranges = [(a, b) for a, b in zip(starts, starts[1:] + [oh]) if a < b]
+    if len(ranges) < 2:
+        return choice
+    pieces = []
+    for a, b in ranges:
+        program = simulate(choice, True, (a, b))
+        kernel_ws = max((action[1].kernel(action[2]).workspace for action in program.actions
+                         if action[0] == "run"), default=0)
+        pieces.append(RowPart(a, b, program, aligned(FLOAT * program.workspace_floats),
+                              aligned(kernel_ws)))
+    return dataclasses.replace(choice, row_parts=tuple(pieces),
+                               workspace=sum(p.band_bytes + p.kernel_bytes for p in pieces))
+
+
 def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
                  workspace: np.ndarray, pool=None) -> Kernel:
     """A finalized group as one step over its views in the arena (bound once:
-    the views are the program's; band kernels that split run their parts on
-    the pool's threads)."""
+    the views are the program's). With row parts (split_rows) and a pool,
+    each range of rows runs on a thread of its own; otherwise band kernels
+    that split run their parts on the pool's threads."""
+    names = " > ".join(link.variant for link in choice.links)
+    name = f"stream({names}; {choice.band} rows)"
+    if choice.row_parts and pool is not None and pool.threads > 1:
+        bound, at = [], 0
+        for part in choice.row_parts:
+            size = part.band_bytes + part.kernel_bytes
+            bound.append(bind(part.program, x0, xm, workspace[at:at + size]))
+            at += size
+
+        def run_part(part, ins, outs, _workspace):
+            for fn, args in bound[part]:
+                fn(*args)
+        run = threading_run(run_part, len(bound), pool)
+        return Kernel(run, workspace=choice.workspace, name=name, parts=len(bound),
+                      run_part=run_part)
     actions = bind(choice.program, x0, xm, workspace, pool)
 
     def run(ins, outs, _workspace):
         for fn, args in actions:
             fn(*args)
-    names = " > ".join(link.variant for link in choice.links)
-    return Kernel(run, workspace=choice.workspace, name=f"stream({names}; {choice.band} rows)")
+    return Kernel(run, workspace=choice.workspace, name=name)
 
 
 # --- the schedule ----------------------------------------------------------------

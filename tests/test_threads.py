@@ -266,3 +266,67 @@ def test_cli_threads_option():
                           "examples/digit_7.png"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "thread count" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def _group_split_same_bits(session, shape, x, specs, parts_list):
+    """Each forced group, its rows split for 2..5 threads, gives the group's
+    output of the unsplit run, bit for bit."""
+    from qnrt import streaming
+    program = compile_program(session.graph, session._consts, {session.get_inputs()[0].name:
+                              shape}, session._kernel_choice, groups=specs)
+    name = session.get_inputs()[0].name
+    np.copyto(program.views[name], x)
+    want = {}
+    for step in program.steps:
+        step.kernel.run(step.inputs, step.outputs, step.workspace)
+        if step.op == "Stream":
+            want[step.members[0][0]] = (step.inputs[0].copy(), step.outputs[0].copy())
+    assert program.groups
+    done = 0
+    for group in program.groups:
+        x0, ym = want[group.links[0].node.name]
+        for parts in parts_list:
+            split = streaming.split_rows(group, parts)
+            if not split.row_parts:  # fewer row blocks than threads: nothing to split
+                continue
+            done += 1
+            pool = threads.WorkerPool(parts)
+            try:
+                ws = np.zeros(split.workspace, np.uint8)
+                out = np.full_like(ym, np.nan)
+                k = streaming.group_kernel(split, x0, out, ws, pool)
+                k.run([x0], [out], ws)
+                assert np.array_equal(bits(out), bits(ym)), (group.links[0].node.name, parts)
+            finally:
+                pool.close()
+    return done
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 96, 80), (2, 3, 67, 45)])
+def test_quicknet_groups_split_by_rows_same_bits(shape):
+    from qnrt.streaming import GroupSpec
+    s = Session(MODEL, num_threads=1)
+    names = [n.name for n in s.graph.nodes]
+    pool3 = names.index("pool3")
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    specs = [GroupSpec(names[0], names[pool3], 2, "cadence"),
+             GroupSpec(names[pool3 + 1], "pool6", 1, "uniform")]
+    assert _group_split_same_bits(s, shape, x, specs, (2, 3, 5)) >= 5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_chains_split_by_rows_same_bits(seed):
+    from qnrt.streaming import GroupSpec
+    graph, shape = random_chain(seed)
+    s = Session(graph, kernels=CHAIN_KERNELS[seed % len(CHAIN_KERNELS)], num_threads=1)
+    names = [n.name for n in s.graph.nodes if n.op != "Identity"]
+    if len(names) < 2 or shape[2] < 8:
+        pytest.skip("too short a chain")
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    try:
+        done = _group_split_same_bits(s, shape, x, [GroupSpec(names[0], names[-1], 1, "uniform")],
+                                      (2, 3))
+    except qnrt.GraphError:
+        pytest.skip("this chain cannot stream as one group")
+    if not done:
+        pytest.skip("the last op's output has fewer row blocks than threads")
