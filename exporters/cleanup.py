@@ -52,7 +52,7 @@ SUMMARY = [
     ("dynamic reshapes resolved", "resolved {} dynamic Reshape targets"),
     ("Transposes removed", "removed {} Transposes"),
     ("batch norms fused", "fused {} batch norms"),
-    ("LayerNorm", "fused {} LayerNorms"),
+    ("LayerNorm", "fused {} LayerNorm"),
     ("SiLU", "recognised {} SiLU"),
     ("HardSwish", "{} HardSwish"),
     ("HardSigmoid", "{} HardSigmoid"),

@@ -237,7 +237,7 @@ def test_paddle_recogniser_with_minus_one_dims(tmp_path):
     assert not {"Shape", "Cast", "Concat", "Unsqueeze", "ReduceMean", "Pow", "Sqrt"} & set(ops)
     assert ops["LayerNormalization"] == 1 and ops["Gather"] == 3
     assert report["LayerNorm"] == 2
-    assert "fused 2 LayerNorms" in summary(report)
+    assert "fused 2 LayerNorm" in summary(report)
     from qnrt.exporters.cleanup import cleanup
     assert not +cleanup(graph)  # idempotent
 
@@ -381,3 +381,41 @@ def test_layer_norm_needs_the_normalized_dims():
     y = b.op("Div", [d, b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(1e-5))])])])
     graph = from_onnx(b.model({"x": ["N", "C"]}, [y]), cleanup=True)
     assert "LayerNormalization" not in {n.op for n in graph.nodes}
+
+
+# ---- for tools/conformance.py --self-test ---------------------------------------------------
+
+def dynamic_models(torch_models: bool = True) -> list:
+    """(name, model, two input shapes) for every dynamic-dims model built here."""
+    cases = [("p2o_recogniser", p2o_recogniser(), [(1, 3, 16, 40), (2, 3, 24, 28)]),
+             ("p2o_recogniser_ln17", p2o_recogniser(17, spelled=False),
+              [(1, 3, 12, 20), (2, 3, 20, 16)])]
+    for stale in ("symbols", "minus_one"):
+        cases.append((f"tf2onnx_classifier_{stale}", tf2onnx_classifier(stale=stale),
+                      [(1, 20, 24, 3), (3, 16, 40, 3)]))
+    if torch_models:
+        for opset in (13, 17):
+            cases.append((f"torch_attention_neck_{opset}", torch_attention_neck(opset)[0],
+                          [(1, 3, 32, 48), (2, 3, 24, 20)]))
+    return cases
+
+
+def test_conformance_tool_checks_each_shape_and_names_the_rules(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "conformance.py")
+    spec = importlib.util.spec_from_file_location("conformance", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    src = tmp_path / "rec.onnx"
+    onnx.save(p2o_recogniser(), str(src))
+    assert tool.main([str(src), "--input-shape", "1,3,16,40", "--input-shape", "2,3,24,28",
+                      "--tolerance", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "1x3x16x40" in out and "2x3x24x28" in out
+    assert "worst relative error per output" in out
+    worst = [line.split() for line in out.split("worst relative error per output")[1]
+             .splitlines() if line.startswith("rec.onnx")]
+    assert len(worst) == 1 and worst[0][2] == "2" and float(worst[0][3]) <= 1e-5
+    assert "clean-up rules fired:" in out and "fused 1 LayerNorm" in out
