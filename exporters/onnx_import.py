@@ -593,10 +593,12 @@ def _fold_symbolic(op, ins, a, symbols: "_Symbols"):
             value = reduce(lambda x, y: arith(np.multiply, 1)(x, y), list(objs[0]), 1)
             value = np.array(value, dtype=object)
             return [_symbolic(value.reshape((1,) if a.get("keepdims", 1) else ()))]
-        if op == "Cast":  # shapes cast to float and back keep their symbols
-            return [_symbolic(objs[0])]
-        if op in ("Floor", "Ceil"):  # of an integer-valued dim: itself
-            return [_symbolic(objs[0])]
+        if op in ("Cast", "Floor", "Ceil"):
+            # a dim symbol is an integer: these keep it (shapes cast to float and
+            # back); a computed one ('?k', maybe N / 2) becomes a new unknown
+            same = np.frompyfunc(lambda v: symbols.fresh(v) if isinstance(v, str)
+                                 and v.startswith("?") else v, 1, 1)
+            return [_symbolic(same(objs[0]))]
         if op in ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose"):
             if op != "Concat" and any(_is_symbolic(v) for v in ins[1:]):
                 return None  # a symbol used as an index or a shape

@@ -419,3 +419,28 @@ def test_conformance_tool_checks_each_shape_and_names_the_rules(tmp_path, capsys
              .splitlines() if line.startswith("rec.onnx")]
     assert len(worst) == 1 and worst[0][2] == "2" and float(worst[0][3]) <= 1e-5
     assert "clean-up rules fired:" in out and "fused 1 LayerNorm" in out
+
+
+def test_shape_arithmetic_on_a_dynamic_batch_keeps_it_dynamic(tmp_path):
+    """Shape -> Cast(float) -> Floor -> Cast(int64), a Transpose of the shape
+    vector and a Concat give Reshape the target [N, -1]: resolved to [0, -1], so
+    one .qnb runs every batch size."""
+    b = Net(13)
+    s = b.cast(b.shape_of("x"), TensorProto.FLOAT)
+    s = b.cast(b.op("Floor", [s]), TensorProto.INT64)
+    col = b.transpose(b.unsqueeze(s, [1]), [1, 0])  # (1, 4)
+    n = b.op("Slice", [b.op("Squeeze", [col, b.const(np.array([0], I64))]),
+                       b.const(np.array([0], I64)), b.const(np.array([1], I64))])
+    y = b.op("Reshape", [b.op("Relu", ["x"]), b.concat([n, b.const(np.array([-1], I64))])])
+    model = b.model({"x": ["N", 3, 4, 5]}, [y])
+    counts = Counter()
+    graph = from_onnx(model, cleanup=True, report=counts)
+    assert counts["dynamic reshapes resolved"] == 1
+    assert [n.op for n in graph.nodes] == ["Relu", "Reshape"]
+    src, dst = tmp_path / "batch.onnx", tmp_path / "batch.qnb"
+    onnx.save(model, str(src))
+    convert(str(src), str(dst))
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 4, 5)).astype(np.float32)
+        ref = ort_session(model).run(None, {"x": x})[0]
+        assert rel_error(Session(str(dst)).run(None, {"x": x})[0], ref) <= TOLERANCE
