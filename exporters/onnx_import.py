@@ -17,6 +17,9 @@ with the file's value_info dropped (exporters leave it stale); each node kept
 then gets its output shapes from the runtime's own shape rule as well, so a
 Reshape whose target came through arithmetic ONNX cannot follow (shapes cast
 to float and back) still has a static output and every Shape after it folds.
+Where dims stay dynamic, that rule runs on probe values: a dim computed from
+the input's dims gets a symbol of its own (which remembers the input dims it
+depends on), so a later Shape of it folds symbolically too.
 With cleanup=True (what `qnrt convert` uses) two more things happen:
   * shape arithmetic on dynamic dims is folded symbolically: Shape gives a
     vector of ints and dim symbols, Gather/Slice/Concat/Unsqueeze/Mul/... carry
@@ -150,7 +153,7 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
                                                   _read_later(node.outputs[-1], g.node, index)):
                 node.outputs.pop()
         kept.append(node)
-        _propagate(node, consts, types)
+        _propagate(node, consts, types, symbols)
 
     outputs, renamed = [], {}
     for v in g.output:
@@ -334,13 +337,14 @@ _PROBES = ((7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993),
            (8009, 8011, 8017, 8039, 8053, 8059, 8069, 8081))
 
 
-def _propagate(node: Node, consts: dict, types: dict) -> None:
+def _propagate(node: Node, consts: dict, types: dict, symbols: "_Symbols") -> None:
     """Output shapes of a kept node from the runtime's own shape rule. ONNX
     inference loses track where shape arithmetic it cannot follow (a Cast to
     float and back) feeds a Reshape, and every Shape downstream would stay
     dynamic although the input is fixed. Dims named by a symbol (a dynamic
-    batch) are probed: an output dim that follows the symbol keeps its name,
-    one computed from it becomes None (dynamic, unnamed)."""
+    batch) are probed: an output dim that follows one symbol keeps its name;
+    one computed from symbols gets a new symbol, which remembers the input
+    dims it depends on (the probes find them: it moves when they move)."""
     if node.op not in SUPPORTED_OPS:
         return
     shapes = []
@@ -357,31 +361,34 @@ def _propagate(node: Node, consts: dict, types: dict) -> None:
         return
     from qnrt.ops import get_op
 
-    runs = []
-    for probe in _PROBES if names else _PROBES[:1]:
-        value = dict(zip(names, probe))
-        concrete = [None if sh is None else tuple(value.get(d, d) for d in sh) for sh in shapes]
-        try:
-            runs.append(get_op(node.op).infer(node, concrete, consts))
-        except Exception:  # the runtime reports it later, with the node's name
-            return
+    def run(values):
+        concrete = [None if sh is None else tuple(values.get(d, d) for d in sh) for sh in shapes]
+        return get_op(node.op).infer(node, concrete, consts)
+
+    base = [dict(zip(names, probe)) for probe in _PROBES]
+    try:
+        runs = [run(v) for v in (base if names else base[:1])]
+        # one run per symbol with only that symbol moved: which output dims follow it
+        moved = [run({**base[0], n: base[1][n]}) for n in names] if names else []
+    except Exception:  # the runtime reports it later, with the node's name
+        return
     first = _dtype(node.inputs[0], consts, types) if node.inputs else None
     for k, name in enumerate(node.outputs):
         if not name or k >= len(runs[0]) or runs[0][k] is None:
             continue
         dims = []
-        for i, d in enumerate(runs[0][k]):
+        for i in range(len(runs[0][k])):
             seen = [int(r[k][i]) for r in runs]
             if len(set(seen)) == 1:
                 dims.append(seen[0])
+                continue
+            same = [n for n in names if seen == [base[0][n], base[1][n]]]
+            if same:
+                dims.append(same[0])
             else:
-                symbol = [n for j, n in enumerate(names)
-                          if seen == [_PROBES[0][j], _PROBES[1][j]]]
-                dims.append(symbol[0] if symbol else None)
+                parents = [n for n, m in zip(names, moved) if int(m[k][i]) != seen[0]]
+                dims.append(symbols.fresh(*parents) if parents else symbols.fresh())
         dtype = types.get(name, (None, None))[0] or first
-        old = types.get(name, (None, None))[1]
-        if old is not None and len(old) == len(dims):  # keep what ONNX knew and we did not
-            dims = [o if d is None else d for d, o in zip(dims, old)]
         types[name] = (dtype, tuple(dims))
 
 
@@ -399,11 +406,12 @@ class _Symbols:
         self.dynamic = sorted(set().union(*self.origin.values())) if self.origin else []
 
     def fresh(self, *parents) -> str:
+        """A new symbol computed from `parents` (symbols; ints are ignored). Without
+        any, it is a dim whose origin was lost (ONNX inference could not follow)."""
         name = f"?{next(self.count)}"
-        self.origin[name] = set().union(*(self.origin.get(p, {None}) for p in parents
-                                          if isinstance(p, str)))
-        if not parents:
-            self.origin[name] = {None}  # a dim ONNX shape inference could not follow
+        parents = [p for p in parents if isinstance(p, str)]
+        self.origin[name] = set().union(*(self.origin.get(p, {None}) for p in parents)) \
+            if parents else {None}
         return name
 
     def explain(self, node: Node, consts: dict) -> str:
@@ -448,7 +456,7 @@ def _merge(v: onnx.ValueInfoProto, inferred):
     shape = []
     for i, pair in enumerate(zip(first, second)):
         static = [d for d in pair if isinstance(d, int) and d > 0]
-        symbol = [d for d in pair if isinstance(d, str)]
+        symbol = [d for d in pair if isinstance(d, str) and not d.startswith("?")]
         shape.append(static[0] if static else symbol[0] if symbol else f"{v.name}.{i}")
     return np.dtype(dtype).name, tuple(shape)
 

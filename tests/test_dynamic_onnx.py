@@ -279,18 +279,43 @@ def test_minus_one_is_a_dynamic_dim():
     assert all(isinstance(d, str) for d in graph.inputs[0].shape)
 
 
-def test_remaining_dynamic_dims_name_the_input_dims():
-    """Without an input shape the neck's Reshapes stay dynamic: the error names the
-    nodes and the input dims behind them."""
-    model, _ = torch_attention_neck(13)
-    with pytest.raises(GraphError) as err:
+@pytest.mark.parametrize("index", range(6))
+def test_without_an_input_shape_one_file_runs_at_every_shape(index, tmp_path):
+    """Dims computed from the input's dynamic dims get symbols of their own, so
+    each Reshape target keeps at most one unknown (-1) and the batch (0): the
+    models convert without --input-shape and run at both shapes."""
+    name, model, shapes = dynamic_models()[index]
+    src, dst = tmp_path / f"{name}.onnx", tmp_path / f"{name}.qnb"
+    onnx.save(model, str(src))
+    convert(str(src), str(dst))
+    sess, ort = Session(str(dst)), ort_session(model)
+    in_name = model.graph.input[0].name
+    assert isinstance(sess.get_inputs()[0].shape[0], str)
+    # the cleaned graph exported back to ONNX means the same (LayerNormalization, Gather)
+    from qnrt.exporters.onnx_export import to_onnx
+    again = ort_session(to_onnx(from_onnx(model, cleanup=True)))
+    for k, shape in enumerate(shapes):
+        x = np.random.default_rng(k).standard_normal(shape).astype(np.float32)
+        refs = ort.run(None, {in_name: x})
+        for got, ref in zip(sess.run(None, {in_name: x}), refs):
+            assert rel_error(got, ref) <= TOLERANCE
+        for got, ref in zip(again.run(None, {in_name: x}), refs):
+            assert rel_error(got, ref) <= TOLERANCE
+
+
+def test_a_dim_that_stays_dynamic_names_its_input_dim():
+    """A ConstantOfShape sized by the Conv's output width (from the input's dim 3)
+    cannot run with a dynamic width: the error says which input dim to fix."""
+    b = Net(13)
+    f = b.conv("x", 3, 4, stride=2)
+    s = b.shape_of(f)
+    target = b.concat([b.const(np.array([1, 1, 1], I64)), b.vec(b.dim(s, 3))])
+    y = b.op("Add", [f, b.op("ConstantOfShape", [target])])
+    model = b.model({"x": ["N", 3, "H", "W"]}, [y])
+    with pytest.raises(GraphError, match=r"\(ConstantOfShape, from 'x' dim 3\); fix them"):
         from_onnx(model, cleanup=True)
-    msg = str(err.value)
-    assert "(Reshape, from 'x' dims 0, 2, 3)" in msg and "--input-shape" in msg
-    # a batch-only dynamic dim needs nothing: the Reshape keeps it as 0
-    graph = from_onnx(tf2onnx_classifier(stale="minus_one"),
-                      {"input_1:0": ("N", 20, 24, 3)}, cleanup=True)
-    assert graph.outputs[0].shape == ("N", 5)
+    graph = from_onnx(model, {"x": (1, 3, 8, 10)}, cleanup=True)  # fixed: folds to a constant
+    assert "ConstantOfShape" not in {n.op for n in graph.nodes}
 
 
 def test_symbolic_arithmetic_names_its_input_dims():
