@@ -332,9 +332,12 @@ def _static(d) -> bool:
 
 # Values substituted for a dim symbol when the runtime's shape rule runs on a
 # symbolic shape: two runs with different primes tell a dim that is the symbol
-# itself (it follows the probe) from one computed from it (it does not).
+# itself (it follows the probe) from one computed from it (it does not). A run
+# with small values guards the dims that look static: Slice(x, 0, 25) of a
+# dynamic axis gives 25 for both large probes, but not for an axis of 3.
 _PROBES = ((7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993),
            (8009, 8011, 8017, 8039, 8053, 8059, 8069, 8081))
+_SMALL_PROBE = (2, 3, 5, 7, 11, 13, 17, 19)
 
 
 def _propagate(node: Node, consts: dict, types: dict, symbols: "_Symbols") -> None:
@@ -372,6 +375,12 @@ def _propagate(node: Node, consts: dict, types: dict, symbols: "_Symbols") -> No
         moved = [run({**base[0], n: base[1][n]}) for n in names] if names else []
     except Exception:  # the runtime reports it later, with the node's name
         return
+    small = None
+    if names:
+        try:
+            small = run(dict(zip(names, _SMALL_PROBE)))
+        except Exception:  # e.g. a kernel larger than the small input: unknown
+            small = None
     first = _dtype(node.inputs[0], consts, types) if node.inputs else None
     for k, name in enumerate(node.outputs):
         if not name or k >= len(runs[0]) or runs[0][k] is None:
@@ -379,15 +388,16 @@ def _propagate(node: Node, consts: dict, types: dict, symbols: "_Symbols") -> No
         dims = []
         for i in range(len(runs[0][k])):
             seen = [int(r[k][i]) for r in runs]
-            if len(set(seen)) == 1:
+            if len(set(seen)) == 1 and (not names or (small is not None
+                                                       and int(small[k][i]) == seen[0])):
                 dims.append(seen[0])
                 continue
             same = [n for n in names if seen == [base[0][n], base[1][n]]]
             if same:
                 dims.append(same[0])
-            else:
+            else:  # the input dims it moves with (all of them if it only moved once)
                 parents = [n for n, m in zip(names, moved) if int(m[k][i]) != seen[0]]
-                dims.append(symbols.fresh(*parents) if parents else symbols.fresh())
+                dims.append(symbols.fresh(*(parents or names)))
         dtype = types.get(name, (None, None))[0] or first
         types[name] = (dtype, tuple(dims))
 

@@ -469,3 +469,22 @@ def test_shape_arithmetic_on_a_dynamic_batch_keeps_it_dynamic(tmp_path):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 4, 5)).astype(np.float32)
         ref = ort_session(model).run(None, {"x": x})[0]
         assert rel_error(Session(str(dst)).run(None, {"x": x})[0], ref) <= TOLERANCE
+
+
+def test_a_slice_of_a_dynamic_axis_is_not_taken_for_static():
+    """x[:, :, :4] of a dynamic width is 4 only when the width is >= 4: the Shape
+    after it must not fold to 4, and the .qnb must run at a width of 3 too."""
+    b = Net(13)
+    part = b.op("Slice", ["x", b.const(np.array([0], I64)), b.const(np.array([4], I64)),
+                          b.const(np.array([2], I64))])
+    s = b.shape_of(part)
+    y = b.op("Reshape", [part, b.concat([b.vec(b.dim(s, 0)), b.const(np.array([3], I64)),
+                                         b.vec(b.dim(s, 2))])])
+    model = b.model({"x": ["N", 3, "W"]}, [y])
+    graph = from_onnx(model, cleanup=True)
+    target = graph.initializers[next(n for n in graph.nodes if n.op == "Reshape").inputs[1]]
+    assert target.tolist() == [0, 3, 0]  # the sliced width is the tensor's own dim, not 4
+    for shape in ((2, 3, 7), (1, 3, 3)):
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        ref = ort_session(model).run(None, {"x": x})[0]
+        assert rel_error(Session(graph).run(None, {"x": x})[0], ref) <= TOLERANCE
