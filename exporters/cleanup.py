@@ -555,14 +555,19 @@ def _layer_norms(ctx: _Ctx) -> bool:
         norm = tuple(xs[axis:])
         if not all(isinstance(v, (int, np.integer)) and v > 0 for v in norm):
             continue  # the scale is materialized at the normalized shape
+        eps = float(ctx.scalar(eps_name))
+        if not np.isfinite(eps) or eps < 0:
+            continue
         out, chain = node.outputs[0], [node]
         scale = np.ones(norm, np.float32)
         bias = None
-        for op_type in ("Mul", "Add"):
+        for op_type in ("Mul", "Add"):  # then * scale, + bias: each optional, in this order
             users = ctx.uses(out)
-            if len(users) != 1 or out in ctx.outputs or users[0].op != op_type \
+            if len(users) != 1 or out in ctx.outputs or users[0].op not in ("Mul", "Add") \
                     or len(users[0].inputs) != 2:
                 break
+            if users[0].op != op_type:
+                continue  # no scale: the Add may still be the bias
             other = users[0].inputs[1] if users[0].inputs[0] == out else users[0].inputs[0]
             c = ctx.const(other)
             if c is None or c.dtype.kind != "f" or other == out or c.ndim > len(norm):
@@ -580,9 +585,6 @@ def _layer_norms(ctx: _Ctx) -> bool:
         inputs = [x, ctx.add_const(f"{node.name or out}.scale", np.array(scale, np.float32))]
         if bias is not None:
             inputs.append(ctx.add_const(f"{node.name or out}.bias", np.array(bias, np.float32)))
-        eps = float(ctx.scalar(eps_name))
-        if not np.isfinite(eps) or eps < 0:
-            continue
         fused = Node("LayerNormalization", inputs, [out], {"axis": int(axis), "epsilon": eps},
                      node.name or out)
         ctx.remove(mean[0], sub, sq, mean_of_sq[0], add_eps, sqrt, *chain[1:],

@@ -366,12 +366,12 @@ def spelled_layer_norm(form: str):
     else:
         y = b.op("Div", [d, std])
     outputs = []
-    if form != "no_affine":
+    if form not in ("no_affine", "bias_only"):
         gamma = b.f32(*norm, positive=True) if form != "not_trailing" else b.f32(5, 1)
         y = b.op("Mul", [y, b.const(gamma)])
-        if form != "mul_recip":
-            beta = b.f32(5, 1, scale=0.1) if form == "not_trailing" else b.f32(8, scale=0.1)
-            y = b.op("Add", [b.const(beta), y])
+    if form not in ("no_affine", "mul_recip"):
+        beta = b.f32(5, 1, scale=0.1) if form == "not_trailing" else b.f32(8, scale=0.1)
+        y = b.op("Add", [b.const(beta), y])
     if form == "d_read_twice":
         outputs.append(b.op("Neg", [d]))
     model = b.model({"x": [2, 5, 8]}, [y] + outputs)
@@ -379,7 +379,7 @@ def spelled_layer_norm(form: str):
 
 
 @pytest.mark.parametrize("form", ["pow_div", "mul_recip", "positive_axes", "two_axes",
-                                  "no_affine", "not_trailing", "d_read_twice", "pow4"])
+                                  "no_affine", "bias_only", "not_trailing", "d_read_twice", "pow4"])
 def test_layer_norm_fusion(form):
     model, fuses = spelled_layer_norm(form)
     counts = Counter()
@@ -388,6 +388,7 @@ def test_layer_norm_fusion(form):
     assert (ops["LayerNormalization"] == 1) == fuses and counts["LayerNorm"] == int(fuses)
     if fuses:
         assert not {"ReduceMean", "Sqrt", "Pow", "Div", "Reciprocal"} & set(ops), ops
+        assert [n.op for n in graph.nodes] == ["Relu", "LayerNormalization"]
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32) * 3 + 1
     refs = ort_unoptimized(model).run(None, {"x": x})
     got = Session(graph).run(None, {"x": x})
