@@ -314,8 +314,8 @@ def _infer(model: onnx.ModelProto, inputs: list[ValueInfo]) -> dict:
                     dim.dim_value = d
     try:
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # e.g. custom-domain ops: fold what we can without shapes
-        pass
+    except Exception:  # e.g. custom-domain ops: the file's own shapes are all there is
+        m.graph.value_info.extend(model.graph.value_info)
     types = {}
     for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
         got = _dims(v.type)
