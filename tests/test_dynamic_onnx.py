@@ -16,7 +16,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import helpers
 from helpers import ort_session
 from test_messy_onnx import Builder
 from qnrt import Session
@@ -29,11 +28,6 @@ I64 = np.int64
 TOLERANCE = 1e-5  # x the output scale, max(1, max |ONNX Runtime's output|)
 
 
-def dims(*ds):
-    """A value-info shape as exporters write it: ints, -1 for dynamic, or names."""
-    return [d for d in ds]
-
-
 def with_value_info(model: onnx.ModelProto, entries: dict) -> onnx.ModelProto:
     """Stale value_info, as exporters leave it: `entries` name -> dims, where a
     dim is an int (-1 for dynamic, as paddle2onnx writes) or a symbol name."""
@@ -43,8 +37,8 @@ def with_value_info(model: onnx.ModelProto, entries: dict) -> onnx.ModelProto:
 
 
 def declare_dims(vi, ds):
-    """Overwrite a graph input's/output's dims, -1 kept literally (make_tensor_value_info
-    would turn it into a dim_value too; done by hand to be explicit)."""
+    """Overwrite a graph input's or output's dims: ints (-1 as paddle2onnx writes
+    a dynamic dim) or symbol names."""
     shape = vi.type.tensor_type.shape
     shape.ClearField("dim")
     for d in ds:
