@@ -21,6 +21,10 @@ is idempotent, and is counted, so `qnrt convert` can say what it did:
     * batch norm as elementwise ops after a Conv: Mul/Div/Add/Sub by a constant
       that the shapes prove is one value per output channel ((C,1,1), (1,C,1,1),
       or a scalar) is folded into the Conv's weights and bias.
+    * LayerNorm spelled out (ReduceMean, Sub, Pow(2) or Mul(d, d), ReduceMean, Add(eps),
+      Sqrt, Div or Mul by Reciprocal, then Mul by a constant scale and Add a constant
+      bias, both optional) over trailing axes -> one LayerNormalization (when the
+      runtime has it and the normalized dims are known).
     * activations: x*Sigmoid(x) -> SiLU (when the runtime has it);
       clip(a*x+b, 0, 1), clip(x+3, 0, 6)/6 -> HardSigmoid;
       x*HardSigmoid(x; 1/6, 1/2) and x*clip(x+3, 0, 6)/6 -> HardSwish.
@@ -48,6 +52,7 @@ SUMMARY = [
     ("dynamic reshapes resolved", "resolved {} dynamic Reshape targets"),
     ("Transposes removed", "removed {} Transposes"),
     ("batch norms fused", "fused {} batch norms"),
+    ("LayerNorm", "fused {} LayerNorm"),
     ("SiLU", "recognised {} SiLU"),
     ("HardSwish", "{} HardSwish"),
     ("HardSigmoid", "{} HardSigmoid"),
@@ -81,9 +86,10 @@ def summary(counts) -> str:
 # ---- graph queries ----------------------------------------------------------------
 
 class _Ctx:
-    def __init__(self, graph: Graph, ops=None):
+    def __init__(self, graph: Graph, ops=None, shapes=None):
         self.g = graph
         self.ops = set(ops) if ops is not None else None
+        self.shapes = dict(shapes or {})  # tensor -> dims the importer knows (int, str, None)
         self.counts: Counter = Counter()
         self.made: dict[int, str] = {}  # id(node) -> the count it was made under
         self.bn_convs: set[int] = set()
@@ -94,6 +100,18 @@ class _Ctx:
         self.consumers = self.g.consumers()
         self.outputs = {o.name for o in self.g.outputs}
         self.inputs = {v.name for v in self.g.inputs}
+
+    def shape(self, name):
+        """The dims of tensor `name` where known (ints, or symbols/None for dynamic
+        ones), else None. Rewrites keep a tensor name's shape: new tensors get
+        new names."""
+        c = self.const(name)
+        if c is not None:
+            return tuple(c.shape)
+        vi = next((v for v in self.g.inputs if v.name == name), None)
+        if vi is not None and vi.shape is not None:
+            return tuple(vi.shape)
+        return self.shapes.get(name)
 
     def has_op(self, op) -> bool:
         return self.ops is None or op in self.ops
@@ -454,6 +472,129 @@ def _fold_into_conv(ctx: _Ctx) -> bool:
     return False
 
 
+# ---- LayerNorm ---------------------------------------------------------------------------
+
+def _mean_over(ctx: _Ctx, name: str):
+    """(input, axes) of a single-use ReduceMean(keepdims=1) producing `name`."""
+    p = ctx.producer(name, "ReduceMean")
+    if p is None or not ctx.single_use(name):
+        return None
+    r = _reduce_axes(ctx, p)
+    if r is None or r[1] != 1:
+        return None
+    return p, p.inputs[0], r[0]
+
+
+def _trailing_axis(ctx: _Ctx, x: str, axes):
+    """`axes` as LayerNormalization's axis when they are the last len(axes) axes of x
+    (negative axes say so by themselves; positive ones need x's rank), else None."""
+    k = len(axes)
+    if len(set(axes)) != k:
+        return None
+    if all(a < 0 for a in axes):
+        return -k if sorted(axes) == list(range(-k, 0)) else None
+    shape = ctx.shape(x)
+    rank = len(shape) if shape is not None else _known_rank(ctx, x)
+    if rank is None or sorted(a % rank for a in axes) != list(range(rank - k, rank)):
+        return None
+    return -k
+
+
+def _layer_norms(ctx: _Ctx) -> bool:
+    """(x - mean) / sqrt(mean((x - mean)^2) + eps) [* scale] [+ bias] over trailing
+    axes -> LayerNormalization(x, scale, bias)."""
+    if not ctx.has_op("LayerNormalization"):
+        return False
+    for node in ctx.g.nodes:
+        # the normalizing step: Div(d, std) or Mul(d, Reciprocal(std))
+        if node.op == "Div" and len(node.inputs) == 2:
+            d, std, recip = node.inputs[0], node.inputs[1], None
+        elif node.op == "Mul" and len(node.inputs) == 2:
+            recip = next((ctx.producer(i, "Reciprocal") for i in node.inputs
+                          if ctx.producer(i, "Reciprocal") is not None), None)
+            if recip is None or not ctx.single_use(recip.outputs[0]):
+                continue
+            d = node.inputs[1] if node.inputs[0] == recip.outputs[0] else node.inputs[0]
+            std = recip.inputs[0]
+        else:
+            continue
+        sqrt = ctx.producer(std, "Sqrt")
+        sub = ctx.producer(d, "Sub")
+        if sqrt is None or sub is None or not ctx.single_use(std) or d in ctx.outputs:
+            continue
+        add_eps = ctx.producer(sqrt.inputs[0], "Add")
+        if add_eps is None or not ctx.single_use(sqrt.inputs[0]) or len(add_eps.inputs) != 2:
+            continue
+        eps_name = next((i for i in add_eps.inputs if ctx.scalar(i) is not None), None)
+        if eps_name is None or ctx.const(eps_name).ndim > 1:
+            continue
+        var = next(i for i in add_eps.inputs if i != eps_name) \
+            if add_eps.inputs.count(eps_name) == 1 else None
+        mean_of_sq = _mean_over(ctx, var) if var else None
+        mean = _mean_over(ctx, sub.inputs[1])
+        if mean_of_sq is None or mean is None or mean[1] != sub.inputs[0]:
+            continue
+        x, axes = sub.inputs[0], mean[2]
+        if sorted(mean_of_sq[2]) != sorted(axes):
+            continue
+        sq = ctx.producer(mean_of_sq[1], ("Pow", "Mul"))
+        if sq is None or not ctx.single_use(mean_of_sq[1]):
+            continue
+        if sq.op == "Pow" and not (sq.inputs[0] == d and ctx.scalar(sq.inputs[1]) == 2.0):
+            continue
+        if sq.op == "Mul" and sq.inputs != [d, d]:
+            continue
+        readers = ctx.uses(d)
+        if sorted(map(id, readers)) != sorted(map(id, [sq] * (2 if sq.op == "Mul" else 1)
+                                                   + [node])):
+            continue
+        axis = _trailing_axis(ctx, x, axes)
+        xs = ctx.shape(x)
+        if axis is None or xs is None or len(xs) < -axis:
+            continue
+        norm = tuple(xs[axis:])
+        if not all(isinstance(v, (int, np.integer)) and v > 0 for v in norm):
+            continue  # the scale is materialized at the normalized shape
+        eps = float(ctx.scalar(eps_name))
+        if not np.isfinite(eps) or eps < 0:
+            continue
+        out, chain = node.outputs[0], [node]
+        scale = np.ones(norm, np.float32)
+        bias = None
+        for op_type in ("Mul", "Add"):  # then * scale, + bias: each optional, in this order
+            users = ctx.uses(out)
+            if len(users) != 1 or out in ctx.outputs or users[0].op not in ("Mul", "Add") \
+                    or len(users[0].inputs) != 2:
+                break
+            if users[0].op != op_type:
+                continue  # no scale: the Add may still be the bias
+            other = users[0].inputs[1] if users[0].inputs[0] == out else users[0].inputs[0]
+            c = ctx.const(other)
+            if c is None or c.dtype.kind != "f" or other == out or c.ndim > len(norm):
+                break
+            try:
+                value = np.broadcast_to(c.astype(np.float32), norm)
+            except ValueError:
+                break
+            if op_type == "Mul":
+                scale = value
+            else:
+                bias = value
+            chain.append(users[0])
+            out = users[0].outputs[0]
+        inputs = [x, ctx.add_const(f"{node.name or out}.scale", np.array(scale, np.float32))]
+        if bias is not None:
+            inputs.append(ctx.add_const(f"{node.name or out}.bias", np.array(bias, np.float32)))
+        fused = Node("LayerNormalization", inputs, [out], {"axis": int(axis), "epsilon": eps},
+                     node.name or out)
+        ctx.remove(mean[0], sub, sq, mean_of_sq[0], add_eps, sqrt, *chain[1:],
+                   *([recip] if recip is not None else []))
+        _replace(ctx, node, [fused])
+        ctx.counts["LayerNorm"] += 1
+        return True
+    return False
+
+
 # ---- Transposes -----------------------------------------------------------------------
 
 def _perm(node: Node):
@@ -733,8 +874,8 @@ def _dead_code(ctx: _Ctx) -> bool:
     return bool(dead)
 
 
-def _run(graph: Graph, passes, ops, counts) -> Counter:
-    ctx = _Ctx(graph, ops)
+def _run(graph: Graph, passes, ops, counts, shapes=None) -> Counter:
+    ctx = _Ctx(graph, ops, shapes)
     changed = False
     for _ in range(100 * (len(graph.nodes) + 10)):  # every rewrite shrinks or settles
         # a pass that finds nothing leaves the graph as it was: refresh after changes only
@@ -785,8 +926,10 @@ def nchw_input(graph: Graph, counts: Counter | None = None) -> list[str]:
 
 
 LEGALIZE = (_minmax,)
-CLEANUP = (_dead_code, _minmax, _merge_clips, _transposes, _global_pools, _fold_into_conv,
-           _hardsigmoid, _gating)
+# LayerNorm before global pools: its ReduceMean over the last axis of a 3-D tensor
+# would otherwise become a GlobalAveragePool first
+CLEANUP = (_dead_code, _minmax, _merge_clips, _layer_norms, _transposes, _global_pools,
+           _fold_into_conv, _hardsigmoid, _gating)
 
 
 def legalize(graph: Graph, ops=None, counts: Counter | None = None) -> Counter:
@@ -794,8 +937,10 @@ def legalize(graph: Graph, ops=None, counts: Counter | None = None) -> Counter:
     return _run(graph, LEGALIZE, ops, counts)
 
 
-def cleanup(graph: Graph, ops=None, counts: Counter | None = None) -> Counter:
+def cleanup(graph: Graph, ops=None, counts: Counter | None = None, shapes=None) -> Counter:
     """All rewrites above, in place, to a fixed point. `ops`: the runtime's op set
-    (SiLU and global pools are only introduced when it has them; None: assume so).
+    (SiLU, global pools and LayerNormalization are only introduced when it has
+    them; None: assume so). `shapes`: tensor name -> dims the importer knows
+    (ints; a symbol or None for a dynamic dim), which LayerNorm fusion needs.
     Returns (and adds to `counts`) what was done."""
-    return _run(graph, CLEANUP, ops, counts)
+    return _run(graph, CLEANUP, ops, counts, shapes)

@@ -11,11 +11,22 @@ One pass over the (topologically ordered) ONNX nodes:
   * Identity, Dropout and Casts to the same type are removed by rewiring;
   * nodes whose inputs are all constant are evaluated in NumPy (Shape too, when
     shape inference gives its input a static shape).
+Shapes: a dim that is not a positive int (-1, 0, a name, none) is dynamic.
+ONNX shape inference runs from the inputs (fixed by input_shapes where given)
+with the file's value_info dropped (exporters leave it stale); each node kept
+then gets its output shapes from the runtime's own shape rule as well, so a
+Reshape whose target came through arithmetic ONNX cannot follow (shapes cast
+to float and back) still has a static output and every Shape after it folds.
+Where dims stay dynamic, that rule runs on probe values: a dim computed from
+the input's dims gets a symbol of its own (which remembers the input dims it
+depends on), so a later Shape of it folds symbolically too.
 With cleanup=True (what `qnrt convert` uses) two more things happen:
   * shape arithmetic on dynamic dims is folded symbolically: Shape gives a
     vector of ints and dim symbols, Gather/Slice/Concat/Unsqueeze/Mul/... carry
     them, and a Reshape whose target ends up as [N, -1] (N the input's own
-    dynamic batch) gets the target [0, -1]: the batch stays dynamic;
+    dynamic batch) gets the target [0, -1]: the batch stays dynamic; a node
+    left computing with a dim symbol is an error that names the input dims
+    the symbol was computed from;
   * exporters.cleanup rewrites what converters spell out (Transpose pairs, batch
     norm as Mul/Add after a Conv, SiLU/HardSwish/ReLU6/LeakyRelu patterns).
 Min/Max forms of Relu/Clip/LeakyRelu are always rewritten (exporters.cleanup.legalize).
@@ -54,7 +65,6 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
     report: a Counter that receives what was folded and rewritten (see
     exporters.cleanup.summary)."""
     counts: Counter = Counter()
-    unknown_dim = (f"?{k}" for k in itertools.count())  # a dim nothing can be matched with
     model = _load(model_or_path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
@@ -67,6 +77,7 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
     if unknown:
         raise GraphError(f"input_shapes names {sorted(unknown)}, which are not graph inputs "
                          f"(inputs: {[v.name for v in inputs]})")
+    symbols = _Symbols(inputs)  # dims nothing can be matched with, and what they come from
     types = _infer(model, inputs)
     for v in inputs:
         types[v.name] = (np.dtype(v.dtype), v.shape)
@@ -105,7 +116,7 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
                 counts["constants folded"] += 1
                 continue
             if cleanup and shape is not None:  # symbols for the dynamic dims
-                dims = [d if isinstance(d, (int, str)) and d != 0 else next(unknown_dim)
+                dims = [d if isinstance(d, str) or _static(d) else symbols.fresh()
                         for d in shape][attrs.get("start", 0):attrs.get("end", len(shape))]
                 consts[node.outputs[0]] = _symbolic(dims)
                 counts["constants folded"] += 1
@@ -113,7 +124,7 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
         elif op in _FOLD and node.inputs and all(i in consts for i in node.inputs if i):
             ins = [consts[i] if i else None for i in node.inputs]
             if any(_is_symbolic(v) for v in ins):
-                values = _fold_symbolic(op, ins, attrs, unknown_dim)
+                values = _fold_symbolic(op, ins, attrs, symbols)
                 if values is None:  # e.g. a dynamic dim reaching Expand's shape
                     kept.append(node)
                     continue
@@ -137,7 +148,12 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
                 consts[name] = target
                 node.inputs[1] = name
                 counts["dynamic reshapes resolved"] += 1
+        if op == "LayerNormalization":  # Mean and InvStdDev are training outputs
+            while len(node.outputs) > 1 and not (node.outputs[-1] in graph_outputs or
+                                                  _read_later(node.outputs[-1], g.node, index)):
+                node.outputs.pop()
         kept.append(node)
+        _propagate(node, consts, types, symbols)
 
     outputs, renamed = [], {}
     for v in g.output:
@@ -161,7 +177,8 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
     dynamic = [n for n in kept if any(_is_symbolic(consts.get(i)) for i in n.inputs)]
     if dynamic:
         raise GraphError(f"{len(dynamic)} node(s) compute with the input's dynamic dims: "
-                         + ", ".join(f"'{n.name}' ({n.op})" for n in dynamic)
+                         + ", ".join(f"'{n.name}' ({n.op}, {symbols.explain(n, consts)})"
+                                     for n in dynamic)
                          + "; fix them with input_shapes (qnrt convert --input-shape)")
     used = {i for n in kept for i in n.inputs} | {v.name for v in outputs}
     graph = Graph(kept, inputs, outputs, {k: v for k, v in consts.items() if k in used},
@@ -169,13 +186,17 @@ def from_onnx(model_or_path, input_shapes: dict | None = None, *, cleanup: bool 
                   g.name or "graph")
     from . import cleanup as rewrites
 
-    (rewrites.cleanup if cleanup else rewrites.legalize)(graph, ok, counts)
+    if cleanup:
+        rewrites.cleanup(graph, ok, counts, {k: v[1] for k, v in types.items()
+                                             if v[1] is not None})
+    else:
+        rewrites.legalize(graph, ok, counts)
     bad = [n for n in graph.nodes if n.op not in ok]
     if bad:
         hint = ""
         if any(n.op == "Shape" for n in bad):
-            hint = (" (Shape of a tensor with dynamic dims: pass input_shapes to fold it, "
-                    "qnrt convert --input-shape)")
+            hint = (f" (Shape of a tensor with dynamic dims{symbols.inputs_note()}: pass "
+                    "input_shapes to fold it, qnrt convert --input-shape)")
         raise GraphError(f"{len(bad)} unsupported node(s): "
                          + ", ".join(f"'{n.name}' ({n.op})" for n in bad) + hint)
     graph.validate()
@@ -249,8 +270,10 @@ def _np_dtype(elem_type):
 
 def _input(v: onnx.ValueInfoProto, fixed) -> ValueInfo:
     dims = _dims(v.type) or ()
-    # unnamed dynamic dims get a stable symbol so they can still be matched up
-    dims = tuple(f"{v.name}.{i}" if d is None or d == 0 else d for i, d in enumerate(dims))
+    # unnamed dynamic dims (none, 0 or -1: anything but a positive int) get a
+    # stable symbol so they can still be matched up
+    dims = tuple(d if isinstance(d, str) or _static(d) else f"{v.name}.{i}"
+                 for i, d in enumerate(dims))
     if fixed is not None:
         if len(fixed) != len(dims):
             raise GraphError(f"input_shapes['{v.name}'] = {tuple(fixed)} has rank {len(fixed)}, "
@@ -266,9 +289,18 @@ def _input(v: onnx.ValueInfoProto, fixed) -> ValueInfo:
 
 
 def _infer(model: onnx.ModelProto, inputs: list[ValueInfo]) -> dict:
-    """name -> (dtype, dims) from ONNX shape inference run with our input shapes."""
+    """name -> (dtype, dims) from ONNX shape inference run from our input shapes.
+
+    The file's own value_info and output shapes are dropped first: exporters
+    leave them stale (symbolic names, -1 for a dynamic dim, or the size the
+    model was traced at), and ONNX inference would keep a -1 or refuse a
+    conflict rather than take what the fixed input implies. A dim that is not
+    a positive int comes back as None (dynamic)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for v in m.graph.output:
+        v.type.tensor_type.ClearField("shape")
     by_name = {v.name: v for v in inputs}
     for v in m.graph.input:
         if v.name in by_name:
@@ -282,10 +314,141 @@ def _infer(model: onnx.ModelProto, inputs: list[ValueInfo]) -> dict:
                     dim.dim_value = d
     try:
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # e.g. custom-domain ops: fold what we can without shapes
-        pass
-    return {v.name: (_np_dtype(v.type.tensor_type.elem_type), _dims(v.type))
-            for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+    except Exception:  # e.g. custom-domain ops: the file's own shapes are all there is
+        m.graph.value_info.extend(model.graph.value_info)
+    types = {}
+    for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        got = _dims(v.type)
+        if got is not None:
+            got = tuple(d if isinstance(d, str) or _static(d) else None for d in got)
+        types[v.name] = (_np_dtype(v.type.tensor_type.elem_type), got)
+    return types
+
+
+def _static(d) -> bool:
+    """A fixed dimension: a positive int (0 and -1 are how exporters say 'dynamic')."""
+    return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+
+
+# Values substituted for a dim symbol when the runtime's shape rule runs on a
+# symbolic shape: two runs with different primes tell a dim that is the symbol
+# itself (it follows the probe) from one computed from it (it does not). A run
+# with small values guards the dims that look static: Slice(x, 0, 25) of a
+# dynamic axis gives 25 for both large probes, but not for an axis of 3.
+_PROBES = ((7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993),
+           (8009, 8011, 8017, 8039, 8053, 8059, 8069, 8081))
+_SMALL_PROBE = (2, 3, 5, 7, 11, 13, 17, 19)
+
+
+def _propagate(node: Node, consts: dict, types: dict, symbols: "_Symbols") -> None:
+    """Output shapes of a kept node from the runtime's own shape rule. ONNX
+    inference loses track where shape arithmetic it cannot follow (a Cast to
+    float and back) feeds a Reshape, and every Shape downstream would stay
+    dynamic although the input is fixed. Dims named by a symbol (a dynamic
+    batch) are probed: an output dim that follows one symbol keeps its name;
+    one computed from symbols gets a new symbol, which remembers the input
+    dims it depends on (the probes find them: it moves when they move)."""
+    if node.op not in SUPPORTED_OPS:
+        return
+    shapes = []
+    for name in node.inputs:
+        if not name:
+            shapes.append(None)
+            continue
+        shape = consts[name].shape if name in consts else types.get(name, (None, None))[1]
+        if shape is None or not all(_static(d) or isinstance(d, str) for d in shape):
+            return
+        shapes.append(tuple(shape))
+    names = sorted({d for sh in shapes if sh for d in sh if isinstance(d, str)})
+    if len(names) > len(_PROBES[0]):
+        return
+    from qnrt.ops import get_op
+
+    def run(values):
+        concrete = [None if sh is None else tuple(values.get(d, d) for d in sh) for sh in shapes]
+        return get_op(node.op).infer(node, concrete, consts)
+
+    base = [dict(zip(names, probe)) for probe in _PROBES]
+    try:
+        runs = [run(v) for v in (base if names else base[:1])]
+        # one run per symbol with only that symbol moved: which output dims follow it
+        moved = [run({**base[0], n: base[1][n]}) for n in names] if names else []
+    except Exception:  # the runtime reports it later, with the node's name
+        return
+    small = None
+    if names:
+        try:
+            small = run(dict(zip(names, _SMALL_PROBE)))
+        except Exception:  # e.g. a kernel larger than the small input: unknown
+            small = None
+    first = _dtype(node.inputs[0], consts, types) if node.inputs else None
+    for k, name in enumerate(node.outputs):
+        if not name or k >= len(runs[0]) or runs[0][k] is None:
+            continue
+        dims = []
+        for i in range(len(runs[0][k])):
+            seen = [int(r[k][i]) for r in runs]
+            if len(set(seen)) == 1 and (not names or (small is not None
+                                                       and int(small[k][i]) == seen[0])):
+                dims.append(seen[0])
+                continue
+            same = [n for n in names if seen == [base[0][n], base[1][n]]]
+            if same:
+                dims.append(same[0])
+            else:  # the input dims it moves with (all of them if it only moved once)
+                parents = [n for n, m in zip(names, moved) if int(m[k][i]) != seen[0]]
+                dims.append(symbols.fresh(*(parents or names)))
+        dtype = types.get(name, (None, None))[0] or first
+        types[name] = (dtype, tuple(dims))
+
+
+class _Symbols:
+    """The dim symbols shape arithmetic meets, and for each the graph-input dims
+    it was computed from (so an error can say which dims to fix)."""
+
+    def __init__(self, inputs: list[ValueInfo]):
+        self.origin: dict[str, set] = {}
+        self.count = itertools.count()
+        for v in inputs:
+            for i, d in enumerate(v.shape or ()):
+                if isinstance(d, str):
+                    self.origin.setdefault(d, set()).add((v.name, i))
+        self.dynamic = sorted(set().union(*self.origin.values())) if self.origin else []
+
+    def fresh(self, *parents) -> str:
+        """A new symbol computed from `parents` (symbols; ints are ignored). Without
+        any, it is a dim whose origin was lost (ONNX inference could not follow)."""
+        name = f"?{next(self.count)}"
+        parents = [p for p in parents if isinstance(p, str)]
+        self.origin[name] = set().union(*(self.origin.get(p, {None}) for p in parents)) \
+            if parents else {None}
+        return name
+
+    def explain(self, node: Node, consts: dict) -> str:
+        """'from x dims 2, 3' for the input dims behind the symbols node reads."""
+        found: set = set()
+        for name in node.inputs:
+            value = consts.get(name)
+            if _is_symbolic(value):
+                for v in value.reshape(-1):
+                    if isinstance(v, str):
+                        found |= self.origin.get(v, {None})
+        known = sorted(d for d in found if d is not None)
+        if None in found or not known:
+            known = self.dynamic  # shape inference lost the trail: all of them may matter
+        return "from " + self._dims_text(known)
+
+    def inputs_note(self) -> str:
+        """', from 'x' dims 0, 2, 3' (every dynamic input dim), or ''."""
+        return f", from {self._dims_text(self.dynamic)}" if self.dynamic else ""
+
+    @staticmethod
+    def _dims_text(dims) -> str:
+        by_input: dict[str, list[int]] = {}
+        for name, axis in dims:
+            by_input.setdefault(name, []).append(axis)
+        return "; ".join(f"'{k}' dim{'s' if len(v) > 1 else ''} " + ", ".join(map(str, v))
+                         for k, v in by_input.items())
 
 
 def _dtype(name, consts, types):
@@ -303,7 +466,7 @@ def _merge(v: onnx.ValueInfoProto, inferred):
     shape = []
     for i, pair in enumerate(zip(first, second)):
         static = [d for d in pair if isinstance(d, int) and d > 0]
-        symbol = [d for d in pair if isinstance(d, str)]
+        symbol = [d for d in pair if isinstance(d, str) and not d.startswith("?")]
         shape.append(static[0] if static else symbol[0] if symbol else f"{v.name}.{i}")
     return np.dtype(dtype).name, tuple(shape)
 
@@ -425,7 +588,7 @@ def _symbolic(values) -> np.ndarray:
                     dtype=object).reshape(a.shape)
 
 
-def _fold_symbolic(op, ins, a, unknown):
+def _fold_symbolic(op, ins, a, symbols: "_Symbols"):
     """Fold shape arithmetic where some entries are dim symbols; None: cannot."""
     def arith(fn, neutral):
         def f(x, y):
@@ -435,7 +598,7 @@ def _fold_symbolic(op, ins, a, unknown):
                 return x
             if op in ("Mul", "Add") and isinstance(x, (int, np.integer)) and x == neutral:
                 return y
-            return next(unknown)
+            return symbols.fresh(x, y)
         return np.frompyfunc(f, 2, 1)
 
     ops = {"Add": (np.add, 0), "Sub": (np.subtract, 0), "Mul": (np.multiply, 1),
@@ -448,9 +611,13 @@ def _fold_symbolic(op, ins, a, unknown):
             value = reduce(lambda x, y: arith(np.multiply, 1)(x, y), list(objs[0]), 1)
             value = np.array(value, dtype=object)
             return [_symbolic(value.reshape((1,) if a.get("keepdims", 1) else ()))]
-        if op == "Cast":
-            return [_symbolic(objs[0])]
-        if op in ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape"):
+        if op in ("Cast", "Floor", "Ceil"):
+            # a dim symbol is an integer: these keep it (shapes cast to float and
+            # back); a computed one ('?k', maybe N / 2) becomes a new unknown
+            same = np.frompyfunc(lambda v: symbols.fresh(v) if isinstance(v, str)
+                                 and v.startswith("?") else v, 1, 1)
+            return [_symbolic(same(objs[0]))]
+        if op in ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose"):
             if op != "Concat" and any(_is_symbolic(v) for v in ins[1:]):
                 return None  # a symbol used as an index or a shape
             out = _FOLD[op]([objs[0]] + list(ins[1:]) if op != "Concat" else objs, a)

@@ -184,6 +184,14 @@ def zoo():
     for mode in ("constant", "reflect", "edge"):
         cases.append(g("Pad", [x4], {"mode": mode}, {"p": np.array([0, 0, 1, 2, 0, 0, 2, 1],
                                                                    np.int64)}))
+    # an attention neck's ops: qkv split by Gather, LayerNormalization, heads
+    cases += [g("Gather", [(3, 2, 4, 5)], {"axis": 0}, {"i": np.array(1, np.int64)}),
+              g("Gather", [x4], {"axis": 1}, {"i": np.array([2, 0], np.int64)}),
+              g("LayerNormalization", [(2, 7, 16)], {"axis": -1, "epsilon": 1e-5},
+                {"s": r.random(16, f32), "b": r.random(16, f32)}),
+              g("LayerNormalization", [(2, 7, 16)], {"axis": -1}, {"s": r.random(16, f32)}),
+              g("MatMul", [(2, 4, 7, 8), (2, 4, 8, 7)]),
+              g("Transpose", [(3, 2, 4, 5, 6)], {"perm": [2, 0, 3, 1, 4]})]
     return cases
 
 

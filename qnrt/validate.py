@@ -36,6 +36,7 @@ ARITY = {
     "Identity": (1, 1, 1, 1), "Reshape": (2, 2, 1, 1), "Squeeze": (1, 2, 1, 1),
     "Unsqueeze": (1, 2, 1, 1), "Pad": (1, 4, 1, 1), "Resize": (1, 4, 1, 1),
     "Upsample": (1, 2, 1, 1), "Split": (1, 2, 1, ANY), "Slice": (1, 5, 1, 1),
+    "Gather": (2, 2, 1, 1), "LayerNormalization": (2, 3, 1, 1),
 }
 # attribute -> what its value must be, wherever it appears (ONNX names them consistently)
 INT, FLOAT, INTS, FLOATS, STR = "an int", "a number", "a list of ints", "a list of numbers", "a string"
@@ -45,6 +46,7 @@ ATTRS = {
     "group": INT, "axis": INT, "keepdims": INT, "ceil_mode": INT, "count_include_pad": INT,
     "transA": INT, "transB": INT, "allowzero": INT, "storage_order": INT,
     "noop_with_empty_axes": INT, "weights_int8": INT, "training_mode": INT,
+    "stash_type": INT,
     "alpha": FLOAT, "beta": FLOAT, "epsilon": FLOAT, "momentum": FLOAT, "min": FLOAT,
     "max": FLOAT, "ratio": FLOAT, "extrapolation_value": FLOAT, "cubic_coeff_a": FLOAT,
     "scales": FLOATS,

@@ -531,3 +531,99 @@ def test_registry_covers_the_extra_ops():
     want = {"Pad", "ConvTranspose", "Resize", "Upsample", "Split", "Slice", "Pow", "Sqrt", "Exp",
             "Log", "Abs", "Neg", "Reciprocal", "ReduceMean", "ReduceMax", "ReduceSum", "SiLU"}
     assert want <= set(supported_ops())
+
+
+# --- Gather, LayerNormalization, attention-shaped MatMul / Transpose ----------------
+
+@SOME
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.data())
+def test_gather(shape, data):
+    rng = np.random.default_rng(data.draw(seeds))
+    x = rand(rng, shape)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    n = shape[axis]
+    index_shape = data.draw(st.lists(st.integers(1, 3), max_size=2))  # [] is a 0-d index
+    dtype = data.draw(st.sampled_from([np.int64, np.int32]))
+    idx = rng.integers(-n, n, size=index_shape).astype(dtype)
+    if data.draw(st.booleans()):
+        check("Gather", {"x": x}, {"i": idx}, {"axis": axis}, names=["x", "i"])
+    else:  # constant data too (folded by the importer, but the op must still run it)
+        check("Gather", {}, {"x": x, "i": idx}, {"axis": axis}, names=["x", "i"])
+
+
+def test_gather_refuses_what_it_cannot_index():
+    x = np.zeros((2, 3), np.float32)
+    raises("Gather", {"x": x}, {"i": ints([3])}, {"axis": 1}, names=["x", "i"])
+    raises("Gather", {"x": x}, {"i": ints([-3])}, {"axis": 0}, names=["x", "i"])
+    raises("Gather", {"x": x, "i": ints([0])}, names=["x", "i"])  # run-time indices
+    raises("Gather", {"x": x}, {"i": np.array([0.0], np.float32)}, names=["x", "i"])
+    raises("Gather", {"x": x}, {"i": ints([0])}, {"axis": 2}, names=["x", "i"])
+
+
+@st.composite
+def layer_norm_cases(draw):
+    shape = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    norm = shape[axis % len(shape):]
+    # scale / bias: the normalized shape, or trailing-aligned broadcasts of it
+    def operand():
+        k = draw(st.integers(0, len(norm)))
+        return [d if draw(st.booleans()) else 1 for d in norm[len(norm) - k:]] or [1]
+    rng = np.random.default_rng(draw(seeds))
+    offset = draw(st.sampled_from([0.0, 0.0, 3.0]))
+    x = rand(rng, shape) + np.float32(offset)
+    scale, bias = rand(rng, operand()), rand(rng, operand())
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.5]))
+    return x, axis, scale, bias, eps, draw(st.sampled_from(["const", "runtime", "no_bias"]))
+
+
+@SOME
+@given(layer_norm_cases())
+def test_layer_norm(case):
+    x, axis, scale, bias, eps, form = case
+    attrs = {"axis": axis, "epsilon": eps}
+    if form == "const":
+        check("LayerNormalization", {"x": x}, {"s": scale, "b": bias}, attrs)
+    elif form == "runtime":
+        check("LayerNormalization", {"x": x, "s": scale, "b": bias}, attrs=attrs)
+    else:
+        check("LayerNormalization", {"x": x}, {"s": scale}, attrs)
+
+
+def test_layer_norm_rows_larger():
+    """Rows of a text recogniser's neck (T x C), and a constant row (variance 0)."""
+    rng = np.random.default_rng(0)
+    x = rand(rng, (2, 96, 64))
+    x[0, 3] = 1.5
+    check("LayerNormalization", {"x": x}, {"s": rand(rng, (64,)), "b": rand(rng, (64,))},
+          {"epsilon": 1e-6})
+
+
+def test_layer_norm_refusals():
+    x = np.zeros((2, 3, 4), np.float32)
+    raises("LayerNormalization", {"x": x}, {"s": np.ones(3, np.float32)}, {"axis": -1})
+    raises("LayerNormalization", {"x": x}, {"s": np.ones((2, 3, 4, 1), np.float32)},
+           {"axis": 0})
+    raises("LayerNormalization", {"x": x}, {"s": np.ones(4, np.float32)}, {"axis": 3})
+
+
+def test_matmul_over_batch_and_heads():
+    """Attention's products: (N, heads, T, d) @ (N, heads, d, T), then with a
+    per-head (1, heads, ...) operand and a shared constant (d, e) weight."""
+    rng = np.random.default_rng(0)
+    q, k = rand(rng, (2, 4, 7, 8)), rand(rng, (2, 4, 8, 7))
+    check("MatMul", {"a": q, "b": k}, names=["a", "b"])
+    check("MatMul", {"a": q, "b": rand(rng, (1, 4, 8, 5))}, names=["a", "b"])
+    check("MatMul", {"a": q}, {"b": rand(rng, (8, 5))}, names=["a", "b"])
+    check("MatMul", {"a": rand(rng, (3, 1, 6, 8)), "b": rand(rng, (4, 8, 2))}, names=["a", "b"])
+
+
+def test_attention_transposes_and_softmax():
+    """The permutations an attention neck uses (rank 4 and 5) and Softmax on the
+    last axis of its scores."""
+    rng = np.random.default_rng(1)
+    qkv = rand(rng, (2, 6, 3, 4, 5))
+    for perm in ([2, 0, 3, 1, 4], [0, 2, 1, 3, 4], [4, 3, 2, 1, 0]):
+        check("Transpose", {"x": qkv}, attrs={"perm": perm})
+    check("Transpose", {"x": rand(rng, (2, 4, 7, 8))}, attrs={"perm": [0, 1, 3, 2]})
+    check("Softmax", {"x": rand(rng, (2, 4, 7, 7), -6, 6)}, attrs={"axis": -1})

@@ -210,6 +210,8 @@ OP_MODULES = {
     "resize": ["Resize", "Upsample"],
     "split": ["Split"],
     "slice": ["Slice"],
+    "gather": ["Gather"],
+    "layernorm": ["LayerNormalization"],
 }
 _MODULE_OF = {op: mod for mod, ops in OP_MODULES.items() for op in ops}
 SUPPORTED_OPS = frozenset(_MODULE_OF)  # known without importing a kernel (or numba)
