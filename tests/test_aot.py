@@ -91,7 +91,8 @@ def test_every_variant_is_bit_identical_aot_and_jit_and_aot_needs_no_numba(build
     assert {"conv.pointwise.skinny", "conv.pointwise.batched", "conv.pointwise.gemm",
             "conv.depthwise.nhwc", "conv.dw3x3.padded", "conv.dw3x3.plane",
             "conv.depthwise.rows", "conv.im2col", "pool.max2x2", "pool.window",
-            "binary.broadcast6", "resize.bilinear", "conv_transpose.col2im"} <= variants
+            "binary.broadcast6", "resize.bilinear", "conv_transpose.col2im", "gather.blocks",
+            "layernorm.rows"} <= variants
 
 
 def test_a_stale_or_foreign_build_is_never_loaded(build, tmp_path):
