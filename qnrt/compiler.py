@@ -334,18 +334,46 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
 def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: int,
                      arena_limit: int | None):
     """Streamed groups whose output rows split into one range per thread
-    (streaming.split_rows), where the arena stays within arena_limit, or
-    without one no larger than one range's: each range needs band buffers of
-    its own, and a small arena is what streaming is for."""
+    (streaming.split_rows), each range in bands of the group's height or, if
+    the ranges' band buffers together would make the arena larger than
+    arena_limit (or, without one, than the one-thread arena), of a half or a
+    quarter of it: a small arena is what streaming is for."""
     from . import streaming
-    split = tuple(streaming.split_rows(g, threads) for g in groups)
-    if all(a is b for a, b in zip(split, groups)):
-        return groups, layout, memory
-    split_layout = _layout(graph, shapes, kernels, split)
-    split_memory = split_layout.plan(len(graph.nodes))
-    if split_memory.arena_bytes > max(memory.arena_bytes, arena_limit or 0):
-        return groups, layout, memory
-    return split, split_layout, split_memory
+    budget = max(memory.arena_bytes, arena_limit or 0)
+    groups = list(groups)
+    for i, group in enumerate(groups):
+        for candidate in _thread_candidates(group, threads):
+            trial = groups[:i] + [candidate] + groups[i + 1:]
+            trial_layout = _layout(graph, shapes, kernels, trial)
+            trial_memory = trial_layout.plan(len(graph.nodes))
+            if trial_memory.arena_bytes <= budget:
+                groups, layout, memory = trial, trial_layout, trial_memory
+                break
+    return tuple(groups), layout, memory
+
+
+def _thread_candidates(group, threads: int):
+    """The group split by rows for `threads`, in its own bands, then in lower ones."""
+    from . import streaming
+    split = streaming.split_rows(group, threads)
+    if not split.row_parts:
+        return
+    yield split
+    links = list(group.links)
+    for band in (group.band // 2, group.band // 4):
+        for policy in (streaming.cadence, streaming.uniform):
+            if band < 1:
+                continue
+            try:
+                choice = streaming.group_choice(links, band, streaming.Stats(), policy)
+                if choice is None:
+                    continue
+                streaming.check_kernels(choice)
+                split = streaming.split_rows(streaming.finalize(choice), threads)
+            except (streaming.NotStreamable, GraphError):
+                continue
+            if split.row_parts:
+                yield split
 
 
 def compile_program(graph: Graph, consts: dict, input_shapes: dict,

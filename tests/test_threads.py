@@ -330,3 +330,18 @@ def test_random_chains_split_by_rows_same_bits(seed):
         pytest.skip("this chain cannot stream as one group")
     if not done:
         pytest.skip("the last op's output has fewer row blocks than threads")
+
+
+def test_threads_split_streamed_rows_without_a_larger_arena():
+    """At 224x224 the default plan streams the first stages; on 2 threads each
+    half of their rows runs on its own thread, in lower bands if need be, and
+    the arena stays the one-thread arena's size."""
+    shape = (1, 3, 224, 224)
+    one = Session(MODEL, num_threads=1).prepare({"input": shape})
+    two = Session(MODEL, num_threads=2)
+    program = two.prepare({"input": shape})
+    assert one.groups and [len(g.row_parts) for g in program.groups] == [2] * len(one.groups)
+    assert program.memory.arena_bytes <= one.memory.arena_bytes
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    want = Session(MODEL, num_threads=1).run(None, {"input": x})[0]
+    assert np.array_equal(bits(two.run(None, {"input": x})[0]), bits(want))
