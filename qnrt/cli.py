@@ -171,7 +171,7 @@ def cmd_info(args) -> int:
     from .session import Session
 
     header = qnb.info(args.model)
-    session = Session(args.model, kernels=args.kernels)
+    session = Session(args.model, kernels=args.kernels, num_threads=args.threads)
     graph = session.graph
     shape = args.input_shape
     inp = session.get_inputs()[0]
@@ -199,8 +199,12 @@ def cmd_info(args) -> int:
         "lower_bound_bytes": program.unfused.lower_bound,
         "unfused_arena_bytes": program.unfused.arena_bytes,
         "streamed_groups": [f"{g.links[0].node.name}..{g.links[-1].node.name} "
-                            f"({g.band} rows per band)" for g in program.groups],
+                            f"({g.band} rows per band"
+                            + (f", rows in {len(g.row_parts)} ranges" if g.row_parts else "")
+                            + ")" for g in program.groups],
         "kernel_backend": session.kernel_backend,
+        "threads": session.num_threads,
+        "split_steps": sum(step.kernel.parts > 1 for step in program.steps),
         "steps": _step_report(graph, program),
     }
     if args.json:
@@ -228,6 +232,9 @@ def cmd_info(args) -> int:
         print("streamed: " + "; ".join(report["streamed_groups"]))
     from .backend import backend
     print(f"kernels: {session.kernel_backend} ({backend().reason or backend().where})")
+    print(f"threads: {report['threads']}" + (
+        f" ({report['split_steps']} of {len(program.steps)} steps split into parts for them)"
+        if report["threads"] > 1 else ""))
     print("steps:")
     width = max((len(st["node"]) for st in report["steps"]), default=4)
     for k, st in enumerate(report["steps"]):
@@ -352,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--input-shape", type=_shape, help="plan for this input shape, e.g. "
                       "1,3,224,224 (default: the model's, batch 1)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--threads", type=_threads, default=0, metavar="N",
+                      help="plan for N threads (default 0: every core)")
     info.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                       help="which kernel variants to plan with (default auto)")
     info.add_argument("-v", "--verbose", action="store_true",

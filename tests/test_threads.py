@@ -266,6 +266,12 @@ def test_cli_threads_option():
                           "examples/digit_7.png"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "thread count" in bad.stderr
     assert "Traceback" not in bad.stderr
+    info = subprocess.run([sys.executable, "-m", "qnrt", "info", MODEL, "--threads", "3",
+                           "--input-shape", "1,3,96,96", "--json"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["threads"] == 3 and report["split_steps"] > 0
 
 
 def _group_split_same_bits(session, shape, x, specs, parts_list):
