@@ -37,7 +37,7 @@ engine, path, shape, limit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 shape = tuple(int(v) for v in shape.split("x"))
 if engine == "qnrt":
     import qnrt
-    s = qnrt.Session(path, arena_limit=int(limit) if limit != "none" else None)
+    s = qnrt.Session(path, arena_limit=int(limit) if limit != "none" else None, num_threads=1)
     name = s.get_inputs()[0].name
 else:
     import onnxruntime as ort
@@ -137,15 +137,15 @@ def plans(path: str, shape: tuple) -> dict:
     import qnrt
     from qnrt.compiler import ArenaLimitError
 
-    feed_name = qnrt.Session(path, streaming=False).get_inputs()[0].name
+    feed_name = qnrt.Session(path, streaming=False, num_threads=1).get_inputs()[0].name
     shapes = {feed_name: shape}
-    unfused = qnrt.Session(path, streaming=False)
-    default = qnrt.Session(path)
+    unfused = qnrt.Session(path, streaming=False, num_threads=1)
+    default = qnrt.Session(path, num_threads=1)
     try:
-        qnrt.Session(path, arena_limit=1).prepare(shapes)
+        qnrt.Session(path, arena_limit=1, num_threads=1).prepare(shapes)
     except ArenaLimitError as exc:
         smallest_bytes = exc.smallest
-    lowest = qnrt.Session(path, arena_limit=smallest_bytes)
+    lowest = qnrt.Session(path, arena_limit=smallest_bytes, num_threads=1)
     out = {"name": feed_name, "sessions": {}}
     for key, s in (("unfused", unfused), ("default", default), ("lowest", lowest)):
         program = s.prepare(shapes)

@@ -10,8 +10,9 @@ Sorted slowest first; `--order` keeps graph order instead.
     python tools/profile_nodes.py model.qnb --input-shape 1,3,224,224 --repeat 20
     python tools/profile_nodes.py model.qnb --threads 2 --json
 
-BLAS is limited to `--threads` (default 1) through threadpoolctl when it is
-installed, as tools/bench.py does. Timings on a shared machine are noisy:
+The session runs on `--threads` threads (default 1: one core, as
+tools/bench.py's 1-thread cases); numpy's BLAS is kept to one thread, as in
+Session.run. Timings on a shared machine are noisy:
 compare nodes within one run, and whole runs against onnxruntime with
 tools/bench.py (interleaved).
 """
@@ -46,10 +47,10 @@ def _macs(step) -> int:
 
 
 def profile(model: str, input_shape=None, repeat: int = 20, warmup: int = 3,
-            streaming: bool = False) -> dict:
+            streaming: bool = False, threads: int = 1) -> dict:
     """Per step; by default on the unfused plan, so that every node is a step
     (with streaming, a streamed group is one step, named first..last)."""
-    session = Session(model, streaming=streaming)
+    session = Session(model, streaming=streaming, num_threads=threads)
     inp = session.get_inputs()[0]
     program = session.prepare({inp.name: input_shape} if input_shape else None)
     x = np.random.default_rng(0).standard_normal(program.shapes[inp.name]).astype(np.float32)
@@ -102,27 +103,25 @@ def main(argv=None) -> int:
     p.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224 (default: the model's)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the session's num_threads (default 1)")
     p.add_argument("--order", action="store_true", help="graph order instead of slowest first")
     p.add_argument("--streaming", action="store_true",
                    help="profile the default (streamed) plan: each streamed group is one row")
     p.add_argument("--top", type=int, default=0, help="print only the N slowest nodes")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        from threadpoolctl import threadpool_limits
-        limiter = threadpool_limits(args.threads, user_api="blas")
-    except ImportError:
-        limiter = None
+    from qnrt.threads import blas_threads
+    blas = blas_threads()
+    blas.enter(args.threads)  # numpy's BLAS on one thread, as during Session.run
     try:
         rep = profile(args.model, args.input_shape, max(1, args.repeat), max(0, args.warmup),
-                      args.streaming)
+                      args.streaming, args.threads)
     except (OSError, FormatError, GraphError) as e:
         print(f"profile: {e}", file=sys.stderr)
         return 2
     finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
+        blas.exit(args.threads)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
