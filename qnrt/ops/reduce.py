@@ -14,6 +14,7 @@ import numpy as np
 from . import Kernel, Variant, register
 from ._common import attr_ints, c_strides, coalesce, const_of, fail, has_input, int_list, \
     njit, norm_axis, numba_const
+from ..validate import BOOL, Attr, Schema
 
 OPS = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3}
 
@@ -156,6 +157,10 @@ def _build_reference(s: ReduceSpec) -> Kernel:
             outs[0][...] = np.asarray(y, np.float32).reshape(s.y)
     return Kernel(run)
 
+
+_REDUCE = Schema({"axes": Attr(lo=-6, hi=5, length=(0, 6), distinct=True), "keepdims": BOOL,
+                  "noop_with_empty_axes": BOOL})
+SCHEMAS = {op: _REDUCE for op in OPS}
 
 register(list(OPS), infer, [
     Variant("reduce.strided6", _build_strided6),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._common import attr_ints, fail, has_input, window_geometry
+from ...validate import BOOL, MAX_DIM, WINDOW, Attr, Schema
+from .. import ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ def conv_geometry(node, in_shapes) -> ConvGeometry:
     return ConvGeometry(n, cin, h, wd, cout, cg, kh, kw, group, tuple(strides), tuple(dil),
                         tuple(begin), tuple(end), out[0], out[1])
 
+
+# what Conv's attributes may be (qnrt.validate checks them before this shape
+# rule runs; that the group divides the channels needs shapes: conv_geometry)
+SCHEMAS = {"Conv": Schema({**WINDOW, "group": Attr(lo=1, hi=MAX_DIM),
+                           "activation": Attr(choices=("",) + ACTIVATIONS),
+                           "weights_int8": BOOL})}
 
 def infer(node, in_shapes, consts):
     g = conv_geometry(node, in_shapes)
