@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import Kernel, RowWindow, Variant, register
-from ._common import attr_ints, fail, njit, valid_range as _valid, window_geometry
+from ._common import attr_ints, fail, maximum, njit, valid_range as _valid, window_geometry
 from ..validate import BOOL, WINDOW, Schema
 
 # A max over a window that lies entirely in the padding: ONNX Runtime (and so
@@ -114,7 +114,8 @@ def _max2x2(x, y):
         for oh in range(y.shape[1]):
             r0, r1, out = x[p, 2 * oh], x[p, 2 * oh + 1], y[p, oh]
             for j in range(y.shape[2]):
-                out[j] = max(max(r0[2 * j], r0[2 * j + 1]), max(r1[2 * j], r1[2 * j + 1]))
+                out[j] = maximum(maximum(r0[2 * j], r0[2 * j + 1]),
+                                 maximum(r1[2 * j], r1[2 * j + 1]))
 
 
 # --- pool.window -----------------------------------------------------------------
@@ -154,7 +155,7 @@ def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
                             a0, a1 = _valid(j * sw - pw, dw, kw_, w)
                             for kw in range(a0, a1):
                                 v = xr[j * sw - pw + kw * dw]
-                                row[j] = max(row[j], v) if is_max else row[j] + v
+                                row[j] = maximum(v, row[j]) if is_max else row[j] + v
                         continue
                     for kw in range(kw0, kw1):
                         off = kw * dw - pw
@@ -162,7 +163,7 @@ def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
                         dst, src = row[lo:hi], xr[lo * sw + off:]
                         if is_max:
                             for j in range(hi - lo):
-                                dst[j] = max(dst[j], src[j * sw])
+                                dst[j] = maximum(src[j * sw], dst[j])
                         else:
                             for j in range(hi - lo):
                                 dst[j] += src[j * sw]
