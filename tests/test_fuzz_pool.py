@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-QNB_CASES, ONNX_CASES = 3000, 1500  # about 30 s and 10 s on two cores
+QNB_CASES, ONNX_CASES = 2400, 1200  # about 25 s and 12 s on two cores
 
 
 @pytest.fixture(scope="module")

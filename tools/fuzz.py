@@ -354,13 +354,15 @@ def run_qnb(data: bytes, rng) -> None:
     import qnrt
 
     session = qnrt.Session(data, limits=qnrt.Limits(**FUZZ_LIMITS))
-    feeds = {}
-    for v in session.get_inputs():
-        shape = [d if isinstance(d, int) else int(rng.integers(1, 4)) for d in v.shape]
-        x = rng.standard_normal(shape).astype(np.float32)
+    shapes = {v.name: [d if isinstance(d, int) else int(rng.integers(1, 4)) for d in v.shape]
+              for v in session.get_inputs()}
+    session.prepare(shapes)  # as a caller would: the limits judge the shapes before any input
+    feeds = {}                # is allocated
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape, dtype=np.float32)
         if rng.random() < 0.2 and x.size:
             x.reshape(-1)[rng.integers(0, x.size, 3)] = _pick(rng, [np.inf, -np.inf, np.nan, 0])
-        feeds[v.name] = x
+        feeds[name] = x
     session.run(None, feeds)
 
 
@@ -674,6 +676,23 @@ def _address_space() -> int:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _warm_up(target: str, workdir: str) -> None:
+    import qnrt
+
+    if target == "qnb":
+        for _, _, data in qnb_bases():
+            try:
+                run_qnb(data, np.random.default_rng(0))
+            except qnrt.QnrtError:
+                pass
+    else:
+        for _, data in onnx_bases():
+            try:
+                run_onnx(data, np.random.default_rng(0), workdir)
+            except qnrt.QnrtError:
+                pass
+
+
 def _worker(conn, target: str, seed: int, headroom: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -681,9 +700,8 @@ def _worker(conn, target: str, seed: int, headroom: int) -> None:
 
     warnings.simplefilter("ignore")
     workdir = tempfile.mkdtemp(prefix="qnrt-fuzz-")
-    if target != "selftest":
-        run_case(target, seed, 0, workdir)  # warm up: imports, base models, kernels
-        run_case(target, seed, 1, workdir)
+    if target != "selftest":  # warm up: imports, and the base models' kernels compiled
+        _warm_up(target, workdir)  # (a cold JIT compile is not a case's time)
     limit = _address_space() + headroom
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     conn.send(("ready", limit))
