@@ -17,12 +17,22 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import onnx
-from onnx import AttributeProto, TensorProto, helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from qnrt.errors import QnrtError
 from qnrt.graph import GraphError
 
 MAX_TENSOR_BYTES = 2 << 30  # one initializer: more than this is not a model for a device
+# ONNX's shape inference (C++, run by the importer) does int64 arithmetic on
+# dims and aborts the process on some overflowed results (a std::clamp
+# assertion after a Pad of 2^62 was seen): the values it computes dims from
+# are bounded first
+MAX_DIM_VALUE = 1 << 31
+_DIM_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "output_padding",
+              "output_shape")
+# op -> its inputs that give dims or pads (ints) or scales (floats)
+_DIM_INPUTS = {"Pad": (1,), "Reshape": (1,), "Expand": (1,), "Tile": (1,),
+               "ConstantOfShape": (0,), "Resize": (2, 3), "Upsample": (1,)}
 # TensorProto data types and the field holding their values when not raw_data
 _TYPED_FIELD = {
     TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data",
@@ -70,8 +80,16 @@ def check_model(model: onnx.ModelProto, source: str = "model") -> None:
             raise GraphError(f"{source}: a graph output has no name")
     for v in g.value_info:
         _text(v.name, "value_info name")
+    constants = {t.name: t for t in g.initializer}
     for k, node in enumerate(g.node):
         _node(node, k, opset)
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == AttributeProto.TENSOR and len(node.output):
+                    constants[node.output[0]] = a.t
+        for i in _DIM_INPUTS.get(node.op_type, ()):
+            if i < len(node.input) and node.input[i] in constants:
+                _dim_values(constants[node.input[i]], node, k, i)
 
 
 def _opset(model, source) -> int:
@@ -175,6 +193,11 @@ def _node(node, k: int, opset: int) -> None:
                              f"{_ATTR_TYPE_NAMES[a.type].lower()}, which {op} does not take")
         if a.type == AttributeProto.TENSOR:
             _tensor(a.t, f"{label} attribute '{key}'")
+        if key in _DIM_ATTRS and a.type in (AttributeProto.INTS, AttributeProto.INT):
+            values = list(a.ints) if a.type == AttributeProto.INTS else [a.i]
+            if any(abs(v) > MAX_DIM_VALUE for v in values):
+                raise GraphError(f"{label}: attribute '{key}' is {values}; dims and pads are "
+                                 f"at most {MAX_DIM_VALUE:,} in size")
         if a.type == AttributeProto.STRING:
             _attr_text(a.s, label, key)
         if a.type == AttributeProto.STRINGS:
@@ -199,6 +222,26 @@ def _node(node, k: int, opset: int) -> None:
     if op == "Constant" and sum(1 for a in node.attribute if a.name.startswith("value")
                                 or a.name == "sparse_value") != 1:
         raise GraphError(f"{label} needs exactly one value attribute")
+
+
+def _dim_values(t: TensorProto, node, k: int, i: int) -> None:
+    """A constant input giving dims, pads or scales: within MAX_DIM_VALUE."""
+    if t.data_type in (TensorProto.STRING,) or _count(t) > 64:
+        return
+    values = numpy_helper.to_array(t).reshape(-1)
+    bad = [v for v in values.tolist()
+           if not (isinstance(v, (int, float)) and abs(v) <= MAX_DIM_VALUE)]
+    if bad:
+        raise GraphError(f"node {k} '{node.name}' ({node.op_type}): input {i} "
+                         f"'{node.input[i]}' holds {bad[0]!r}; dims, pads and scales are at "
+                         f"most {MAX_DIM_VALUE:,} in size")
+
+
+def _count(t: TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
 
 
 def _attr_text(value: bytes, label: str, key: str) -> None:

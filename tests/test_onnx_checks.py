@@ -146,3 +146,27 @@ class _Fixed:
 
     def parse_args(self, argv):
         return self.args
+
+
+def test_dims_that_would_abort_onnx_shape_inference_are_refused_first(tmp_path):
+    """ONNX's C++ shape inference aborts the process (a std::clamp assertion)
+    on a Slice after a Pad of 2^62: the pads are refused before it runs. The
+    conversion runs in a child process so that an abort fails the test, not
+    the suite."""
+    import subprocess
+
+    pads = numpy_helper.from_array(np.array([2**31 - 1, 3, 2**62, -2**63, -2, 3, 2**32 - 1, 2],
+                                            np.int64), "p")
+    m = model(nodes=[helper.make_node("Pad", ["x", "p"], ["xp"], name="pad"),
+                     helper.make_node("Slice", ["xp", "st", "en", "ax"], ["y"], name="slice")],
+              inits=[pads, numpy_helper.from_array(np.array([0], np.int64), "st"),
+                     numpy_helper.from_array(np.array([-1], np.int64), "en"),
+                     numpy_helper.from_array(np.array([3], np.int64), "ax")],
+              outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(m.SerializeToString())
+    run = subprocess.run([sys.executable, "-m", "qnrt", "convert", str(src),
+                          str(tmp_path / "m.qnb")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("qnrt: error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert "'pad' (Pad): input 1 'p' holds 4611686018427387904" in run.stderr
