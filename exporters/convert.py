@@ -23,7 +23,7 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     if ext == ".onnx":
-        from .onnx_checks import check_model, malformed
+        from .onnx_checks import check_model, malformed, survives_shape_inference
         from .onnx_import import from_onnx
         import onnx
 
@@ -33,6 +33,7 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
             raise GraphError(f"{path}: not a readable ONNX file ({type(exc).__name__}: "
                              f"{exc})") from None
         check_model(model, path)  # exporters.onnx_checks: every field the importer reads
+        survives_shape_inference(model, path, input_shape)
         shapes = None
         if input_shape:
             inits = {i.name for i in model.graph.initializer}

@@ -14,6 +14,7 @@ that take none), and Cast a known `to`.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import onnx
@@ -90,6 +91,41 @@ def check_model(model: onnx.ModelProto, source: str = "model") -> None:
         for i in _DIM_INPUTS.get(node.op_type, ()):
             if i < len(node.input) and node.input[i] in constants:
                 _dim_values(constants[node.input[i]], node, k, i)
+
+
+def survives_shape_inference(model: onnx.ModelProto, source: str = "model",
+                             input_shape=None) -> None:
+    """GraphError if ONNX's shape inference kills the process on this model.
+
+    It is C++ built with assertions: a node inferring a negative dim (say a
+    ConvTranspose whose pads exceed its output) makes a later Slice's
+    inference abort (std::clamp), and no Python exception is raised. So it is
+    tried first in a forked child, with the first real input fixed to
+    `input_shape` as the importer will (POSIX only; elsewhere nothing is tried)."""
+    if not hasattr(os, "fork"):
+        return
+    m = model
+    if input_shape:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        inits = {t.name for t in m.graph.initializer}
+        first = next(v for v in m.graph.input if v.name not in inits)
+        shape = first.type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in input_shape:
+            shape.dim.add().dim_value = int(d)
+    pid = os.fork()
+    if pid == 0:  # the child: only the inference, then out without clean-up
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # its assertion text is not ours
+            onnx.shape_inference.infer_shapes(m, data_prop=True)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        raise GraphError(f"{source}: ONNX shape inference crashes on this model (signal "
+                         f"{os.WTERMSIG(status)}): a node gives an impossible shape, such "
+                         "as a negative dimension")
 
 
 def _opset(model, source) -> int:

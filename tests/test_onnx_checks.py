@@ -170,3 +170,44 @@ def test_dims_that_would_abort_onnx_shape_inference_are_refused_first(tmp_path):
     assert run.returncode == 1, run.stderr
     assert run.stderr.startswith("qnrt: error: ") and run.stderr.count("\n") == 1, run.stderr
     assert "'pad' (Pad): input 1 'p' holds 4611686018427387904" in run.stderr
+
+
+def test_a_model_whose_shape_inference_aborts_is_refused(tmp_path):
+    """A ConvTranspose whose pads exceed its output gives ONNX's inference a
+    negative width, and the Slice after it aborts the process in C++: convert
+    tries the inference in a child first and refuses the model in one line."""
+    import subprocess
+
+    w = numpy_helper.from_array(np.ones((2, 1, 3, 2), np.float32), "w")
+    consts = [w] + [numpy_helper.from_array(np.array([v], np.int64), name)
+                    for name, v in (("st", 1), ("en", -1), ("ax", 3))]
+    m = model(nodes=[helper.make_node("ConvTranspose", ["x", "w"], ["t"], kernel_shape=[3, 2],
+                                      strides=[1, 2], pads=[0, 2, 2, 2], dilations=[1, 2],
+                                      name="up"),
+                     helper.make_node("Slice", ["t", "st", "en", "ax"], ["y"], name="slice")],
+              inits=consts, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                  [1, 2, 8, 1])],
+              outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(m.SerializeToString())
+    run = subprocess.run([sys.executable, "-m", "qnrt", "convert", str(src),
+                          str(tmp_path / "m.qnb")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("\n") == 1 and "ONNX shape inference crashes" in run.stderr
+
+
+def test_a_conv_bias_of_the_wrong_shape_is_refused_before_folding(tmp_path):
+    """A bias of 2x2 values for 4 channels used to reach batch-norm folding."""
+    inits = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.ones((2, 2), np.float32), "b")]
+    inits += [numpy_helper.from_array(np.ones(4, np.float32), n) for n in "smv"]
+    inits += [numpy_helper.from_array(np.zeros(4, np.float32), "bb")]
+    m = model(nodes=[helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+                     helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"],
+                                      name="bn")],
+              inits=inits, outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                  [1, 4, 4, 4])])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(m.SerializeToString())
+    with pytest.raises(qnrt.GraphError, match=r"'conv' \(Conv\): bias 'b' has shape \(2, 2\)"):
+        convert(str(src), str(tmp_path / "m.qnb"))

@@ -89,9 +89,22 @@ def conv_geometry(node, in_shapes) -> ConvGeometry:
 
 # what Conv's attributes may be (qnrt.validate checks them before this shape
 # rule runs; that the group divides the channels needs shapes: conv_geometry)
+def _constant_inputs(node, constants):
+    """A constant weight is 4-D and a constant bias one value per output channel
+    (batch-norm folding reads them before any shape rule runs)."""
+    w = constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    b = constants.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    if w is not None and len(w.shape) != 4:
+        return f"weight '{node.inputs[1]}' has shape {tuple(w.shape)}, not (Cout, Cin, KH, KW)"
+    if b is not None and (len(b.shape) != 1 or (w is not None and b.shape[0] != w.shape[0])):
+        return (f"bias '{node.inputs[2]}' has shape {tuple(b.shape)}, not one value per output "
+                "channel")
+    return None
+
+
 SCHEMAS = {"Conv": Schema({**WINDOW, "group": Attr(lo=1, hi=MAX_DIM),
                            "activation": Attr(choices=("",) + ACTIVATIONS),
-                           "weights_int8": BOOL})}
+                           "weights_int8": BOOL}, check=_constant_inputs)}
 
 def infer(node, in_shapes, consts):
     g = conv_geometry(node, in_shapes)
