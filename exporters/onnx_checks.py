@@ -7,7 +7,7 @@ Checked: names are text (valid UTF-8); there is an opset and a graph output,
 and a graph input that is not an initializer; every tensor (initializer,
 Constant value) has a known data type, non-negative dims and exactly as much
 stored data as its dims say, within a size limit, and is not stored outside the
-file; graph inputs and outputs have a known element type and valid dims;
+file; graph inputs and outputs have a known element type and text dim names;
 every node of the default domain has the attributes its ONNX schema requires,
 each of the type the schema gives (no graph, sparse or type attributes on ops
 that take none), and Cast a known `to`.
@@ -156,11 +156,8 @@ def _value_info(v, what: str) -> None:
         except Exception:
             raise GraphError(f"{what} '{name}' has unknown element type {t.elem_type}") from None
     if v.type.HasField("tensor_type") and t.HasField("shape"):
-        for i, d in enumerate(t.shape.dim):
+        for i, d in enumerate(t.shape.dim):  # (a dim <= 0 is dynamic to the importer)
             _text(d.dim_param, f"{what} '{name}' dimension {i}")
-            if d.HasField("dim_value") and d.dim_value < 0:
-                raise GraphError(f"{what} '{name}' has dimension {i} = {d.dim_value}; "
-                                 "dimensions are >= 0 or a name")
 
 
 def _tensor(t: TensorProto, what: str) -> None:
