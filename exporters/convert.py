@@ -9,6 +9,7 @@ from qnrt import format as qnb
 from qnrt.image import ImageError, check_preprocess
 from qnrt.graph import Graph, GraphError
 from qnrt.rewrite import optimize
+from qnrt.validate import validate
 
 PREPROCESS_KEYS = {"size": int, "mean": float, "std": float, "scale": float,
                    "mode": str, "resample": str, "channel_order": str, "native_size": int}
@@ -22,6 +23,7 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     if ext == ".onnx":
+        from .onnx_checks import check_model, malformed, survives_shape_inference
         from .onnx_import import from_onnx
         import onnx
 
@@ -30,12 +32,15 @@ def load_any(path: str, input_shape=None, report: Counter | None = None) -> Grap
         except Exception as exc:  # protobuf raises its own DecodeError types
             raise GraphError(f"{path}: not a readable ONNX file ({type(exc).__name__}: "
                              f"{exc})") from None
+        check_model(model, path)  # exporters.onnx_checks: every field the importer reads
+        survives_shape_inference(model, path, input_shape)
         shapes = None
         if input_shape:
             inits = {i.name for i in model.graph.initializer}
             first = next(i.name for i in model.graph.input if i.name not in inits)
             shapes = {first: tuple(input_shape)}
-        return from_onnx(model, shapes, cleanup=True, report=report)
+        with malformed(path):
+            return from_onnx(model, shapes, cleanup=True, report=report)
     if ext in (".h5", ".hdf5", ".keras"):
         from .keras_h5 import from_h5
 
@@ -87,6 +92,11 @@ def finalize(graph: Graph, input_shape=None, labels=None, metadata=None, log=Non
     if labels:
         graph.metadata["labels"] = list(labels)
     graph.metadata.update(metadata or {})
+    for v in graph.outputs:
+        if v.shape is None:
+            raise GraphError(f"output '{v.name}' has no shape, and ONNX shape inference "
+                             "could not find one")
+    validate(graph)  # before the rewrites: they assume well-formed nodes
     optimize(graph)
     graph.validate()
     graph.toposort()

@@ -437,7 +437,8 @@ def main(argv=None) -> int:
     except FileNotFoundError as exc:
         print(f"qnrt: error: {exc.filename or exc}: no such file", file=sys.stderr)
     except (CliError, FormatError, GraphError, ImageError, InvalidArgument, ValueError) as exc:
-        print(f"qnrt: error: {exc}", file=sys.stderr)
+        print("qnrt: error: " + "".join(c if c.isprintable() else " " for c in str(exc)),
+              file=sys.stderr)  # one line, even when the message quotes a file's bytes
     except MemoryError:
         print("qnrt: error: out of memory (is the input shape what you meant?)", file=sys.stderr)
     except BrokenPipeError:  # e.g. `qnrt info m.qnb | head`: the reader left

@@ -11,6 +11,20 @@ kernels check every read against the stream length, every code table against
 the Kraft inequality and every position against the tensor size, and report
 problems as error codes, which `decode()` turns into a FormatError-ready
 `CodecError` message. Imports only numpy, numba and the standard library.
+
+What a payload can decode to. Every stored entry costs at least one bit in
+each stream (a code is 1 to MAX_CODE_LEN bits), so `count` is at most either
+stream's bit count (checked before decoding). Each gap symbol moves the
+position by at most 2^g - 1 <= 65,535 elements (the escape symbol, after
+which another gap symbol follows), so the last stored entry lies at most
+65,535 elements per gap-stream bit from the start: the explicit part of a
+tensor is bounded by its stored bytes. The zeros after the last stored entry
+are implicit: the tensor's size comes from the tensor table's shape, and a
+payload of 44 bytes (b = g = 1, no entries) is a legal all-zero tensor of
+any size. So no multiple of the stored bytes bounds the decoded size without
+refusing legal files (a fully pruned layer, a long zero tail); the decoded
+total is capped instead, before allocation, by qnrt.Limits.max_decoded_bytes
+(qnrt.format).
 """
 from __future__ import annotations
 
@@ -218,6 +232,9 @@ def layout(payload, size: int) -> dict:
         raise CodecError("reserved header bytes are not zero")
     if count > size:
         raise CodecError(f"{count} stored entries for a tensor of {size} elements")
+    if count > inbits or count > gnbits:  # each entry costs a code of >= 1 bit in each stream
+        raise CodecError(f"{count} stored entries cannot fit streams of {inbits} and {gnbits} "
+                         "bits (each entry takes at least one bit of each)")
     k, gsyms = 1 << b, 1 << g
     ibytes, gbytes = -(-inbits // 8), -(-gnbits // 8)
     at = HEADER.size

@@ -3,14 +3,24 @@ sees it: wiring, every node's arity, the types of the attributes the ops
 read, and the metadata the runtime reads. Each error is a GraphError naming
 the node (or key), what it has and what is allowed.
 
-The shape rules and kernels check sizes and values later (qnrt/ops); this
-pass makes sure they are never handed a node whose inputs, outputs or
-attributes are not even of the right kind.
+Beyond types, each op may declare the ranges, lengths and choices of its
+attributes in a schema kept next to its shape rule: a module-level
+`SCHEMAS = {"OpName": Schema(attrs={"name": Attr(...)}, check=...)}` in the
+module that defines the op's `infer` (see qnrt/ops/pool.py). The checks that
+need shapes (an axis within the rank, a group dividing the channels) stay in
+the shape rules, which name the node and attribute too.
+
+Adding an op: a row in ARITY, a type in ATTRS for any attribute name not
+listed there yet (or `Attr(kind=...)` in its schema), and a SCHEMAS entry for
+what its attributes' values may be.
 """
 from __future__ import annotations
 
+import importlib
 import math
+from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import Callable
 
 from .errors import GraphError
 from .graph import Graph
@@ -55,6 +65,44 @@ ATTRS = {
 }
 
 
+MAX_DIM = "max_dim"  # a bound that is the session's Limits.max_dim
+
+
+@dataclass(frozen=True)
+class Attr:
+    """What one attribute's value may be, beyond its type in ATTRS: each number
+    in [lo, hi] (hi may be MAX_DIM), a list of `length` entries (an int, or a
+    (min, max) pair), one of `choices`, entries `distinct`. `kind` gives the
+    type for a name ATTRS does not list (or overrides it for this op)."""
+    lo: float | None = None
+    hi: float | str | None = None
+    length: int | tuple | None = None
+    choices: tuple = ()
+    distinct: bool = False
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """An op's declared attributes; `check(node, constants)` returns what is
+    wrong with the node beyond single attributes (e.g. constant inputs of the
+    wrong rank), or None."""
+    attrs: dict = field(default_factory=dict)
+    check: Callable | None = None
+
+
+# shared declarations for the op modules
+BOOL = Attr(choices=(0, 1))
+AXIS = Attr(lo=-6, hi=5)  # the runtime's ranks are at most 6 (ops._common.MAX_RANK)
+AUTO_PAD = Attr(choices=("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID", ""))
+FINITE = Attr(lo=-math.inf, hi=math.inf)
+WINDOW = {  # 2-D Conv and pools
+    "kernel_shape": Attr(lo=1, hi=MAX_DIM, length=2), "strides": Attr(lo=1, hi=MAX_DIM, length=2),
+    "dilations": Attr(lo=1, hi=MAX_DIM, length=2), "pads": Attr(lo=0, hi=MAX_DIM, length=4),
+    "auto_pad": AUTO_PAD,
+}
+
+
 def _is_int(v) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool)
 
@@ -95,20 +143,28 @@ def validate(graph: Graph, max_dim: int = 1 << 20) -> None:
         if arity is not None:
             lo, hi, out_lo, out_hi = arity
             given = len(node.inputs)
-            if not lo <= given <= hi or not node.inputs[0]:
+            if not lo <= given <= hi or not all(node.inputs[:max(lo, 1)]):
                 allowed = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi < ANY else f"{lo} or more"
-                raise GraphError(f"{label} has {given} inputs (first '{node.inputs[0] if given else ''}'); "
-                                 f"{node.op} takes {allowed}, the first one named")
+                raise GraphError(f"{label} has {given} inputs {node.inputs[:8]}; {node.op} "
+                                 f"takes {allowed}, the first {max(lo, 1)} named")
             if not out_lo <= len(node.outputs) <= out_hi:
                 allowed = f"{out_lo}" if out_lo == out_hi else f"{out_lo} to {out_hi}"
                 raise GraphError(f"{label} has {len(node.outputs)} outputs; {node.op} makes "
                                  f"{allowed}")
+        schema = schema_of(node.op)
         for name, value in node.attrs.items():
-            kind = ATTRS.get(name)
+            spec = schema.attrs.get(name) if schema else None
+            kind = spec.kind if spec is not None and spec.kind else ATTRS.get(name)
             if kind is not None and not _fits(kind, value):
                 raise GraphError(f"{label}: attribute '{name}' must be {kind}, not {value!r}")
             if kind == FLOAT and not math.isfinite(float(value)) and name not in ("min", "max"):
                 raise GraphError(f"{label}: attribute '{name}' must be finite, not {value!r}")
+            if spec is not None:
+                _check_attr(label, name, value, spec, max_dim)
+        if schema is not None and schema.check is not None:
+            problem = schema.check(node, graph.initializers)
+            if problem:
+                raise GraphError(f"{label}: {problem}")
     for v in graph.outputs:
         if v.name in constants:
             raise GraphError(f"graph output '{v.name}' is a constant, not computed")
@@ -118,6 +174,65 @@ def validate(graph: Graph, max_dim: int = 1 << 20) -> None:
                 raise GraphError(f"input '{v.name}' has dimension {d!r}; dimensions are "
                                  f"1 .. {max_dim:,} or a name")
     _metadata(graph.metadata, max_dim)
+
+
+def schema_of(op: str) -> Schema | None:
+    """The op's declared Schema: SCHEMAS[op] in the module defining its shape
+    rule (None for an op without one, or unknown: get_op reports those)."""
+    from . import ops
+
+    module = ops._MODULE_OF.get(op)
+    if module is None:
+        return None
+    infer = ops.get_op(op).infer
+    return getattr(importlib.import_module(infer.__module__), "SCHEMAS", {}).get(op)
+
+
+def _describe(spec: Attr, max_dim: int) -> str:
+    if spec.choices:
+        return "one of " + ", ".join(repr(c) for c in spec.choices)
+    hi = max_dim if spec.hi == MAX_DIM else spec.hi
+    parts = []
+    if spec.length is not None:
+        lo_n, hi_n = (spec.length, spec.length) if isinstance(spec.length, int) else spec.length
+        parts.append(f"{lo_n} entries" if lo_n == hi_n else f"{lo_n} to {hi_n} entries")
+    if spec.lo is not None and hi is not None and math.isinf(spec.lo) and math.isinf(hi):
+        parts.append("finite")
+    elif spec.lo is not None and hi is not None:
+        parts.append(f"from {spec.lo:,} to {hi:,}")
+    elif spec.lo is not None:
+        parts.append(f"at least {spec.lo}")
+    elif hi is not None:
+        parts.append(f"at most {hi}")
+    if spec.distinct:
+        parts.append("all different")
+    return ", ".join(parts)
+
+
+def _check_attr(label: str, name: str, value, spec: Attr, max_dim: int) -> None:
+    many = not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+    items = list(value) if many else [value]
+    ok = True
+    if spec.length is not None:
+        lo_n, hi_n = (spec.length, spec.length) if isinstance(spec.length, int) else spec.length
+        ok = many and lo_n <= len(items) <= hi_n
+    if ok and spec.choices:
+        text = [v.decode(errors="replace") if isinstance(v, bytes) else v for v in items]
+        ok = all(v in spec.choices for v in text)
+    if ok and (spec.lo is not None or spec.hi is not None):
+        hi = max_dim if spec.hi == MAX_DIM else spec.hi
+        for v in items:
+            if not _is_real(v) or (isinstance(v, float) and math.isnan(v)):
+                ok = False
+            elif spec.lo is not None and math.isinf(spec.lo) and hi is not None and math.isinf(hi):
+                ok = ok and math.isfinite(v)
+            else:
+                ok = ok and (spec.lo is None or v >= spec.lo) and (hi is None or v <= hi)
+    if ok and spec.distinct:
+        ok = len(set(items)) == len(items)
+    if not ok:
+        raise GraphError(f"{label}: attribute '{name}' is {value!r}; allowed: "
+                         f"{_describe(spec, max_dim)}")
 
 
 def _metadata(meta: dict, max_dim: int) -> None:

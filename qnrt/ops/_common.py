@@ -172,21 +172,34 @@ def activation_params(kind, alpha=None, beta=None, lo=None, hi=None):
     return 0.0, 0.0
 
 
+@njit(cache=True, inline="always")
+def maximum(a, b):
+    """IEEE maximum, as np.maximum: NaN when either is NaN (Python's max keeps
+    whichever argument comes first when a comparison with NaN is false)."""
+    return a if a > b or a != a else b
+
+
+@njit(cache=True, inline="always")
+def minimum(a, b):
+    """IEEE minimum, as np.minimum: NaN when either is NaN."""
+    return a if a < b or a != a else b
+
+
 @njit(cache=True)
 def _act(v, s, kind, a, b):
     """Activation `kind` of float32 v (s: PRelu slope; a, b: float32 params)."""
-    if kind == 1:
-        return v if v > 0 else np.float32(0)
+    if kind == 1:  # (written so that NaN passes, as in ONNX Runtime)
+        return np.float32(0) if v <= 0 else v
     if kind == 2 or kind == 7:
         return v if v >= 0 else v * (s if kind == 2 else a)
     if kind == 3:
         return min(max(v, a), b)
     if kind == 4:
         return np.float32(1) / (np.float32(1) + np.exp(-v))
-    if kind == 5:
-        return max(np.float32(0), min(np.float32(1), a * v + b))
+    if kind == 5:  # NaN first, so that it passes through Python-style min/max
+        return max(min(a * v + b, np.float32(1)), np.float32(0))
     if kind == 6:
-        return v * max(np.float32(0), min(np.float32(1), a * v + b))
+        return v * max(min(a * v + b, np.float32(1)), np.float32(0))
     if kind == 8:
         return np.tanh(v)
     if kind == 9:
@@ -207,7 +220,7 @@ def act_row(y, bias, slope, kind, a, b):
     elif kind == 1:
         for i in range(y.size):
             v = y[i] + bias
-            y[i] = v if v > 0 else np.float32(0)
+            y[i] = np.float32(0) if v <= 0 else v
     elif kind == 2 or kind == 7:
         s = slope if kind == 2 else af
         for i in range(y.size):
@@ -251,7 +264,7 @@ def unary(x, y, kind, a, b):
     if kind == 1:
         for i in range(x.size):
             v = x[i]
-            y[i] = v if v > 0 else np.float32(0)
+            y[i] = np.float32(0) if v <= 0 else v  # NaN passes
     elif kind == 3:
         for i in range(x.size):
             y[i] = min(max(x[i], af), bf)

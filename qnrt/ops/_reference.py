@@ -19,7 +19,7 @@ def activation(kind: str, v: np.ndarray, slope=None, a: float = 0.0, b: float = 
         if kind == "":
             return v
         if kind == "Relu":
-            return np.where(v > 0, v, zero).astype(F32)
+            return np.where(v <= 0, zero, v).astype(F32)  # NaN passes, as in ONNX Runtime
         if kind == "PRelu":
             return np.where(v >= 0, v, v * np.asarray(slope, F32)).astype(F32)
         if kind == "LeakyRelu":

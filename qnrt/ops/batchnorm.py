@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import const_of, fail, njit
+from ..validate import BOOL, FINITE, Attr, Schema
 
 
 def infer(node, in_shapes, consts):
@@ -78,6 +81,22 @@ def _build_reference(s: BatchNormSpec) -> Kernel:
             outs[0][...] = y.astype(np.float32).reshape(outs[0].shape)
     return Kernel(run)
 
+
+def _constant_parameters(node, constants):
+    """scale, B, mean and var given as constants are vectors of one length (the
+    rewrites fold them into a Conv before any shape rule runs)."""
+    given = [(name, constants[i]) for name, i in zip(("scale", "B", "mean", "var"),
+                                                     node.inputs[1:5]) if i in constants]
+    shapes = {tuple(getattr(a, "shape", ())) for _, a in given}
+    if given and (len(shapes) > 1 or len(next(iter(shapes))) != 1):
+        return ("scale, B, mean and var must be vectors of the same length, not "
+                + ", ".join(f"{name} {tuple(a.shape)}" for name, a in given))
+    return None
+
+
+SCHEMAS = {"BatchNormalization": Schema({"epsilon": Attr(lo=0.0, hi=math.inf),
+                                         "momentum": FINITE, "training_mode": BOOL},
+                                        check=_constant_parameters)}
 
 register("BatchNormalization", infer, [
     Variant("batchnorm.affine", _build_affine),

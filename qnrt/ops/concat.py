@@ -9,6 +9,7 @@ import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import coalesce, const_of, copy6, fail, norm_axis, numba_const
+from ..validate import AXIS, Schema
 
 
 def infer(node, in_shapes, consts):
@@ -66,6 +67,8 @@ def _build_reference(s: ConcatSpec) -> Kernel:
         outs[0][...] = np.concatenate([np.asarray(v, np.float32) for v in ins], axis=s.axis)
     return Kernel(run)
 
+
+SCHEMAS = {"Concat": Schema({"axis": AXIS})}
 
 register("Concat", infer, [
     Variant("concat.copy6", _build_copy6),

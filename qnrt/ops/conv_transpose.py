@@ -24,6 +24,7 @@ from . import Kernel, Variant, register
 from ._common import attr_ints, attr_str, const_of, fail, has_input, njit, numba_const
 from ._common import valid_range as _valid
 from .conv.im2col import tile_columns
+from ..validate import AUTO_PAD, MAX_DIM, Attr, Schema
 
 
 
@@ -240,6 +241,15 @@ def _build_reference(s: ConvTransposeSpec) -> Kernel:
             outs[0][...] = y.astype(np.float32).reshape(outs[0].shape)
     return Kernel(run)
 
+
+_SPATIAL = (1, 2)  # 1-D and 2-D
+SCHEMAS = {"ConvTranspose": Schema({
+    "kernel_shape": Attr(lo=1, hi=MAX_DIM, length=_SPATIAL),
+    "strides": Attr(lo=1, hi=MAX_DIM, length=_SPATIAL),
+    "dilations": Attr(lo=1, hi=MAX_DIM, length=_SPATIAL),
+    "pads": Attr(lo=0, hi=MAX_DIM, length=(2, 4)), "auto_pad": AUTO_PAD,
+    "group": Attr(lo=1, hi=MAX_DIM), "output_padding": Attr(lo=0, hi=MAX_DIM, length=_SPATIAL),
+    "output_shape": Attr(lo=1, hi=MAX_DIM, length=_SPATIAL)})}
 
 register("ConvTranspose", infer, [
     Variant("conv_transpose.col2im", _build_col2im),

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import broadcast_shapes, const_of, fail, has_input
+from ..validate import BOOL, Schema
 
 
 def infer(node, in_shapes, consts):
@@ -86,6 +87,8 @@ def _build_reference(s: GemmSpec) -> Kernel:
             outs[0][...] = y.astype(np.float32)
     return Kernel(run)
 
+
+SCHEMAS = {"Gemm": Schema({"transA": BOOL, "transB": BOOL})}
 
 register("Gemm", infer, [
     Variant("gemm.blas", _build_blas),

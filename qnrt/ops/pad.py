@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import attr_ints, attr_str, const_of, fail, has_input, int_list, norm_axis, \
     numba_const
 from ._gather import gather6, gather_plan
+from ..validate import FLOAT, MAX_DIM, Attr, Schema
 
 MODES = ("constant", "reflect", "edge", "wrap")
 
@@ -155,6 +158,10 @@ def _build_reference(s: PadSpec) -> Kernel:
         outs[0][...] = y
     return Kernel(run)
 
+
+SCHEMAS = {"Pad": Schema({"mode": Attr(choices=("constant", "reflect", "edge", "wrap")),
+                          "pads": Attr(lo=-(1 << 62), hi=MAX_DIM),
+                          "value": Attr(lo=-math.inf, hi=math.inf, kind=FLOAT)})}
 
 register("Pad", infer, [
     Variant("pad.gather6", _build_gather6),

@@ -5,12 +5,14 @@ image: one pass per output row), pool.window (any window, tap by tap over
 column ranges), pool.reference."""
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import Kernel, RowWindow, Variant, register
-from ._common import attr_ints, fail, njit, valid_range as _valid, window_geometry
+from ._common import attr_ints, fail, maximum, njit, valid_range as _valid, window_geometry
+from ..validate import BOOL, WINDOW, Schema
 
 # A max over a window that lies entirely in the padding: ONNX Runtime (and so
 # qnrt) answers the lowest finite float32, not -inf.
@@ -42,13 +44,23 @@ def infer(node, in_shapes, consts):
     return [(in_shapes[0][0], in_shapes[0][1], out[0], out[1])]
 
 
+def tap_range(start, n, k, d, lo, hi):
+    """[j0, j1) per window: the taps j in [0, k) whose position start + j * d
+    lies in [lo, hi) (`start`: an int64 array, one entry per window). O(windows),
+    whatever the kernel size: no table grows with k."""
+    j0 = np.clip(-((start - lo) // d), 0, k)  # ceil((lo - start) / d)
+    j1 = np.clip(-((start - hi) // d), 0, k)  # ceil((hi - start) / d)
+    return j0, np.maximum(j1, j0)
+
+
 def _counts(n, out, k, s, d, pb, pe, include_pad):
     """Taps of each window (along one dim) inside the image, or inside the
     padded image with count_include_pad; windows are separable, so an
-    AveragePool divisor is count_h[oh] * count_w[ow]."""
+    AveragePool divisor is count_h[oh] * count_w[ow]. One entry per output
+    position (the kernel size only enters the arithmetic)."""
     lo, hi = (-pb, n + pe) if include_pad else (0, n)
-    start = np.arange(out)[:, None] * s - pb + np.arange(k)[None, :] * d
-    return np.maximum(((start >= lo) & (start < hi)).sum(1), 1).astype(np.float32)
+    j0, j1 = tap_range(np.arange(out, dtype=np.int64) * s - pb, n, k, d, lo, hi)
+    return np.maximum(j1 - j0, 1).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,7 +114,8 @@ def _max2x2(x, y):
         for oh in range(y.shape[1]):
             r0, r1, out = x[p, 2 * oh], x[p, 2 * oh + 1], y[p, oh]
             for j in range(y.shape[2]):
-                out[j] = max(max(r0[2 * j], r0[2 * j + 1]), max(r1[2 * j], r1[2 * j + 1]))
+                out[j] = maximum(maximum(r0[2 * j], r0[2 * j + 1]),
+                                 maximum(r1[2 * j], r1[2 * j + 1]))
 
 
 # --- pool.window -----------------------------------------------------------------
@@ -123,24 +136,34 @@ def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
     with no tap inside gives LOWEST, as in ONNX Runtime)."""
     n_, c_, h, w = x.shape
     oh_, ow_ = y.shape[2], y.shape[3]
+    # Only taps inside the image are visited, so the time is bounded by the
+    # image, whatever the kernel: the column taps some output column reads
+    # (0 <= kw * dw - pw + j * sw < w for a j in [0, ow_)) ...
+    kw0, kw1 = _valid((ow_ - 1) * sw - pw, dw, kw_, w + (ow_ - 1) * sw)
+    by_column = kw1 - kw0 > ow_  # ... unless they outnumber the columns
     for n in range(n_):
         for c in range(c_):
             xc, yc = x[n, c], y[n, c]
             for oh in range(oh_):
                 row = yc[oh]
                 row[:] = LOWEST if is_max else 0
-                for kh in range(kh_):
-                    ih = oh * sh - ph + kh * dh
-                    if ih < 0 or ih >= h:
+                kh0, kh1 = _valid(oh * sh - ph, dh, kh_, h)
+                for kh in range(kh0, kh1):
+                    xr = xc[oh * sh - ph + kh * dh]
+                    if by_column:  # a kernel far wider than the image: each column's own taps
+                        for j in range(ow_):
+                            a0, a1 = _valid(j * sw - pw, dw, kw_, w)
+                            for kw in range(a0, a1):
+                                v = xr[j * sw - pw + kw * dw]
+                                row[j] = maximum(v, row[j]) if is_max else row[j] + v
                         continue
-                    xr = xc[ih]
-                    for kw in range(kw_):
+                    for kw in range(kw0, kw1):
                         off = kw * dw - pw
                         lo, hi = _valid(off, sw, ow_, w)
                         dst, src = row[lo:hi], xr[lo * sw + off:]
                         if is_max:
                             for j in range(hi - lo):
-                                dst[j] = max(dst[j], src[j * sw])
+                                dst[j] = maximum(src[j * sw], dst[j])
                         else:
                             for j in range(hi - lo):
                                 dst[j] += src[j * sw]
@@ -154,39 +177,48 @@ def _pool(x, y, kh_, kw_, sh, sw, ph, pw, dh, dw, is_max, cnt_h, cnt_w):
 
 def _taps(n, out, k, s, d, pb, pe, include_pad):
     """Input index (clipped into [0, n)) of each tap of each window along one
-    dim, whether it lies inside the image, and whether it counts for the
-    AveragePool divisor (inside the padded image with count_include_pad)."""
-    pos = np.arange(out)[:, None] * s - pb + np.arange(k)[None, :] * d  # (out, k)
+    dim that some window reads inside the image, whether it lies inside for
+    each window, and each window's AveragePool divisor along this dim (taps
+    inside the image, or the padded image with count_include_pad), counted on
+    the range of tap positions by bisection: no table of the kernel's size."""
+    start = np.arange(out, dtype=np.int64) * s - pb
+    used = sorted({j for o in range(out) for j in range(k)[
+        bisect_left(range(int(start[o]), int(start[o]) + k * d, d), 0):
+        bisect_left(range(int(start[o]), int(start[o]) + k * d, d), n)]})
+    pos = start[:, None] + np.array(used, np.int64).reshape(1, -1) * d  # (out, taps used)
     inside = (pos >= 0) & (pos < n)
-    counted = (pos >= -pb) & (pos < n + pe) if include_pad else inside
-    return np.clip(pos, 0, n - 1), inside, counted
+    lo, hi = (-pb, n + pe) if include_pad else (0, n)
+    counted = []
+    for o in range(out):
+        taps = range(int(start[o]), int(start[o]) + k * d, d)
+        counted.append(bisect_left(taps, hi) - bisect_left(taps, lo))
+    return np.clip(pos, 0, n - 1), inside, np.array(counted, np.float64)
 
 
 def _build_reference(s: PoolSpec) -> Kernel:
     """Every window tap by tap: MaxPool takes the max over the taps inside the
     image (LOWEST for a window with none), AveragePool the sum over them
     divided by the number of counted taps."""
-    (kh, kw), (oh, ow) = s.kernel, s.out
-    ih, in_h, cnt_h = _taps(s.h, oh, kh, s.strides[0], s.dilations[0], s.begin[0], s.end[0],
-                            s.include_pad)
-    iw, in_w, cnt_w = _taps(s.w, ow, kw, s.strides[1], s.dilations[1], s.begin[1], s.end[1],
-                            s.include_pad)
+    (oh, ow) = s.out
+    ih, in_h, cnt_h = _taps(s.h, oh, s.kernel[0], s.strides[0], s.dilations[0], s.begin[0],
+                            s.end[0], s.include_pad)
+    iw, in_w, cnt_w = _taps(s.w, ow, s.kernel[1], s.strides[1], s.dilations[1], s.begin[1],
+                            s.end[1], s.include_pad)
 
     def run(ins, outs, workspace):
         x = np.asarray(ins[0], np.float64)
         acc = np.full(outs[0].shape, LOWEST if s.is_max else 0, np.float64)
-        count = np.zeros((oh, ow), np.float64)
         with np.errstate(all="ignore"):
-            for a in range(kh):
-                for b in range(kw):
+            for a in range(ih.shape[1]):
+                for b in range(iw.shape[1]):
                     v = x[:, :, ih[:, a][:, None], iw[:, b][None, :]]
                     inside = in_h[:, a][:, None] & in_w[:, b][None, :]
                     if s.is_max:
                         acc = np.where(inside, np.maximum(acc, v), acc)
                     else:
                         acc += np.where(inside, v, 0.0)
-                    count += cnt_h[:, a][:, None] & cnt_w[:, b][None, :]
-            outs[0][...] = acc if s.is_max else acc / np.maximum(count, 1)
+            count = np.maximum(cnt_h[:, None] * cnt_w[None, :], 1)
+            outs[0][...] = acc if s.is_max else acc / count
     return Kernel(run)
 
 
@@ -194,6 +226,10 @@ def rows(s: PoolSpec) -> RowWindow:
     return RowWindow((s.kernel[0] - 1) * s.dilations[0] + 1, s.strides[0], s.begin[0],
                      pads=tuple(s.begin) + tuple(s.end), taps=s.kernel[0] * s.kernel[1])
 
+
+# what the attributes may be (qnrt.validate checks them before any shape rule runs)
+_POOL = {**WINDOW, "ceil_mode": BOOL, "storage_order": BOOL}
+SCHEMAS = {"MaxPool": Schema(_POOL), "AveragePool": Schema({**_POOL, "count_include_pad": BOOL})}
 
 register(["MaxPool", "AveragePool"], infer, [
     Variant("pool.max2x2", _build_max2x2, _is_max2x2),

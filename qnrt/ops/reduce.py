@@ -13,7 +13,8 @@ import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import attr_ints, c_strides, coalesce, const_of, fail, has_input, int_list, \
-    njit, norm_axis, numba_const
+    maximum, minimum, njit, norm_axis, numba_const
+from ..validate import BOOL, Attr, Schema
 
 OPS = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3}
 
@@ -110,10 +111,10 @@ def _reduce6(x, y, shape, ys, op, count):
                             acc = np.float64(y[yo])
                             if op == 2:
                                 for j in range(n5):
-                                    acc = max(acc, np.float64(row[j]))
+                                    acc = maximum(np.float64(row[j]), acc)
                             elif op == 3:
                                 for j in range(n5):
-                                    acc = min(acc, np.float64(row[j]))
+                                    acc = minimum(np.float64(row[j]), acc)
                             else:
                                 for j in range(n5):
                                     acc += row[j]
@@ -122,10 +123,10 @@ def _reduce6(x, y, shape, ys, op, count):
                             dst = y[yo:yo + n5]
                             if op == 2:
                                 for j in range(n5):
-                                    dst[j] = max(dst[j], row[j])
+                                    dst[j] = maximum(row[j], dst[j])
                             elif op == 3:
                                 for j in range(n5):
-                                    dst[j] = min(dst[j], row[j])
+                                    dst[j] = minimum(row[j], dst[j])
                             else:
                                 for j in range(n5):
                                     dst[j] += row[j]
@@ -156,6 +157,10 @@ def _build_reference(s: ReduceSpec) -> Kernel:
             outs[0][...] = np.asarray(y, np.float32).reshape(s.y)
     return Kernel(run)
 
+
+_REDUCE = Schema({"axes": Attr(lo=-6, hi=5, length=(0, 6), distinct=True), "keepdims": BOOL,
+                  "noop_with_empty_axes": BOOL})
+SCHEMAS = {op: _REDUCE for op in OPS}
 
 register(list(OPS), infer, [
     Variant("reduce.strided6", _build_strided6),

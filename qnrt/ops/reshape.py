@@ -12,6 +12,7 @@ import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import attr_ints, const_of, fail, has_input, int_list, norm_axis
+from ..validate import AXIS, BOOL, Attr, Schema
 
 
 def _axes(node, consts):
@@ -123,6 +124,11 @@ def _build_reference(s: ReshapeSpec) -> Kernel:
         outs[0][...] = np.reshape(np.asarray(ins[0], np.float32), s.y)
     return Kernel(run)
 
+
+_AXES = Attr(lo=-6, hi=5, length=(0, 6), distinct=True)
+SCHEMAS = {"Reshape": Schema({"allowzero": BOOL}), "Flatten": Schema({"axis": AXIS}),
+           "Squeeze": Schema({"axes": _AXES}), "Unsqueeze": Schema({"axes": _AXES}),
+           "Dropout": Schema({"ratio": Attr(lo=0.0, hi=1.0), "training_mode": BOOL})}
 
 register(["Reshape", "Flatten", "Identity", "Dropout", "Squeeze", "Unsqueeze"], infer, [
     Variant("reshape.alias", _build_alias),

@@ -24,13 +24,15 @@ of the nearest indices, or the two linear taps weighted).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import Kernel, Variant, register
-from ._common import attr_str, const_of, fail, has_input, njit, norm_axis, numba_const
+from ._common import MAX_RANK, attr_str, const_of, fail, has_input, njit, norm_axis, numba_const
 from ._gather import gather6, gather_plan
+from ..validate import BOOL, FINITE, STR, Attr, Schema
 
 COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners",
                "asymmetric", "tf_half_pixel_for_nn")
@@ -104,8 +106,8 @@ def _geometry(node, x, consts):
             out[a] = int(v)
             sc[a] = F(F(out[a]) / F(x[a])) if x[a] else F(1)
         else:
-            if not float(v) > 0:
-                fail(node, f"scales {scales.tolist()} must be positive")
+            if not 0 < float(v) < math.inf:
+                fail(node, f"scales {scales.tolist()} must be positive and finite")
             sc[a] = F(v)
             out[a] = int(np.floor(F(sc[a] * F(x[a]))))
     if any(o < 1 for o in out) or any(d < 1 for d in x):
@@ -175,6 +177,16 @@ def _linear_table(n_in, n_out, scale, coord):
     return i0, i1, d1.astype(F), d0.astype(F)  # the weight of i0 is the distance to i1
 
 
+def _merged_length(x, y) -> int:
+    """An upper bound on gather_plan's table length: axes that keep their size
+    may be merged with their neighbours (Python ints: no overflow)."""
+    longest, run = 1, 1
+    for n, o in zip(x, y):
+        run = run * n if n == o else 1
+        longest = max(longest, run, o)
+    return longest
+
+
 def infer(node, in_shapes, consts):
     x = in_shapes[0] if in_shapes else None
     if x is None:
@@ -205,7 +217,12 @@ def analyse(node, in_shapes, out_shapes, consts):
     if gather:
         tables = [_nearest_table(n, o, s if y != x else F(1), coord, nearest)
                   for n, o, s in zip(x, out, sc)]
-        plan = gather_plan(node, x, tables)
+        # gather6's table has MAX_RANK rows as long as the longest run of
+        # same-size axes merged: built only while it is not larger than the
+        # output (else the reference's per-axis tables do)
+        plan = (gather_plan(node, x, tables)
+                if 8 * MAX_RANK * _merged_length(x, y) <= 4 * max(int(np.prod(y, dtype=object)), 1 << 16)
+                else None)
     else:
         tables, plan = [_linear_table(n, o, s, coord) for n, o, s in zip(x, out, sc)], None
     return ResizeSpec(x, y, tuple(sc), gather, tuple(tables), plan, cx)
@@ -273,8 +290,23 @@ def _build_reference(s: ResizeSpec) -> Kernel:
     return Kernel(run)
 
 
+_SCALES = Attr(lo=1e-30, hi=float(1 << 20), length=(1, 6))  # positive, finite
+SCHEMAS = {
+    "Resize": Schema({"mode": Attr(choices=("nearest", "linear", "bilinear", "cubic")),
+                      "coordinate_transformation_mode": Attr(choices=COORD_MODES
+                                                             + ("tf_crop_and_resize",)),
+                      "nearest_mode": Attr(choices=NEAREST_MODES), "antialias": BOOL,
+                      "exclude_outside": BOOL, "axes": Attr(lo=-6, hi=5, length=(1, 6),
+                                                            distinct=True),
+                      "keep_aspect_ratio_policy": Attr(choices=("stretch", "not_larger",
+                                                                "not_smaller"), kind=STR),
+                      "cubic_coeff_a": FINITE, "extrapolation_value": FINITE}),
+    "Upsample": Schema({"mode": Attr(choices=("nearest", "linear", "bilinear")),
+                        "scales": _SCALES}),
+}
+
 register(["Resize", "Upsample"], infer, [
-    Variant("resize.gather6", _build_gather6, lambda s: s.gather),
+    Variant("resize.gather6", _build_gather6, lambda s: s.gather and s.plan is not None),
     Variant("resize.bilinear", _build_bilinear, lambda s: not s.gather),
     Variant("resize.reference", _build_reference),
 ], analyse=analyse)

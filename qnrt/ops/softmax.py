@@ -11,6 +11,7 @@ import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import fail, njit, norm_axis
+from ..validate import AXIS, INT, Attr, Schema
 
 
 def infer(node, in_shapes, consts):
@@ -74,6 +75,8 @@ def _build_reference(s: SoftmaxSpec) -> Kernel:
             outs[0][...] = y.astype(np.float32).reshape(outs[0].shape)
     return Kernel(run)
 
+
+SCHEMAS = {"Softmax": Schema({"axis": AXIS, "legacy_axis_semantics": Attr(kind=INT)})}
 
 register("Softmax", infer, [
     Variant("softmax.rows", _build_rows),

@@ -13,6 +13,7 @@ import numpy as np
 from . import Kernel, Variant, register
 from ._common import attr_ints, coalesce, const_of, copy6, fail, has_input, int_list, \
     norm_axis, numba_const
+from ..validate import AXIS, INT, MAX_DIM, Attr, Schema
 
 
 def _sizes(node, x, consts):
@@ -103,6 +104,9 @@ def _build_reference(s: SplitSpec) -> Kernel:
                 out[...] = piece
     return Kernel(run)
 
+
+SCHEMAS = {"Split": Schema({"axis": AXIS, "split": Attr(lo=0, hi=MAX_DIM, length=(1, 1 << 16)),
+                            "num_outputs": Attr(lo=1, hi=1 << 16, kind=INT)})}
 
 register("Split", infer, [
     Variant("split.copy6", _build_copy6),

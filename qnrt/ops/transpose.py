@@ -10,6 +10,7 @@ import numpy as np
 
 from . import Kernel, Variant, register
 from ._common import attr_ints, c_strides, coalesce, const_of, copy6, fail, numba_const
+from ..validate import Attr, Schema
 
 
 def _perm(node, rank):
@@ -62,6 +63,8 @@ def _build_reference(s: TransposeSpec) -> Kernel:
         outs[0][...] = np.transpose(np.asarray(ins[0], np.float32).reshape(s.x), s.perm)
     return Kernel(run)
 
+
+SCHEMAS = {"Transpose": Schema({"perm": Attr(lo=0, hi=5, length=(0, 6), distinct=True)})}
 
 register("Transpose", infer, [
     Variant("transpose.copy6", _build_copy6),

@@ -43,7 +43,8 @@ def nhwc_applies(spec) -> bool:
 def nhwc_prefers(spec) -> bool:
     g = spec.geometry
     width = min(NHWC_MAX_WIDTH, DW3X3_NHWC_MAX_WIDTH) if g.is_dw3x3 else NHWC_MAX_WIDTH
-    return g.ow < width and _nhwc_bytes(g) <= NHWC_MAX_BYTES
+    return (g.ow < width and _nhwc_bytes(g) <= NHWC_MAX_BYTES
+            and 8 * g.ohw * (g.kh * g.kw + 2) <= NHWC_MAX_BYTES)  # the taps table too
 
 
 def build_nhwc(spec) -> Kernel:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._common import attr_ints, fail, has_input, window_geometry
+from ...validate import BOOL, MAX_DIM, WINDOW, Attr, Schema
+from .. import ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,25 @@ def conv_geometry(node, in_shapes) -> ConvGeometry:
     return ConvGeometry(n, cin, h, wd, cout, cg, kh, kw, group, tuple(strides), tuple(dil),
                         tuple(begin), tuple(end), out[0], out[1])
 
+
+# what Conv's attributes may be (qnrt.validate checks them before this shape
+# rule runs; that the group divides the channels needs shapes: conv_geometry)
+def _constant_inputs(node, constants):
+    """A constant weight is 4-D and a constant bias one value per output channel
+    (batch-norm folding reads them before any shape rule runs)."""
+    w = constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    b = constants.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    if w is not None and len(w.shape) != 4:
+        return f"weight '{node.inputs[1]}' has shape {tuple(w.shape)}, not (Cout, Cin, KH, KW)"
+    if b is not None and (len(b.shape) != 1 or (w is not None and b.shape[0] != w.shape[0])):
+        return (f"bias '{node.inputs[2]}' has shape {tuple(b.shape)}, not one value per output "
+                "channel")
+    return None
+
+
+SCHEMAS = {"Conv": Schema({**WINDOW, "group": Attr(lo=1, hi=MAX_DIM),
+                           "activation": Attr(choices=("",) + ACTIVATIONS),
+                           "weights_int8": BOOL}, check=_constant_inputs)}
 
 def infer(node, in_shapes, consts):
     g = conv_geometry(node, in_shapes)
