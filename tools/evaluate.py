@@ -162,7 +162,9 @@ def everyday(path: str, seed: int | None = None) -> dict:
         lambda d: f"{d.polarity}, {d.canvas}x{d.canvas}, {int(100 * d.height)} %",
     )
     for condition in conditions:
-        for key in sorted({condition(d) for d in drawn}, key=lambda k: (len(k), k)):
+        ordered = sorted(drawn, key=lambda d: (d.source != "handwritten", d.polarity != "white on black",
+                                               d.canvas, d.height))
+        for key in dict.fromkeys(condition(d) for d in ordered):
             groups[f"drawn: {key}"] = [0, 0]
         for d, ok in zip(drawn, right_drawn):
             add(f"drawn: {condition(d)}", ok)
