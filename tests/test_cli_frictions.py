@@ -219,8 +219,14 @@ def test_the_wheel_carries_the_models_and_examples_and_the_first_command_runs(tm
     import sysconfig
     import zipfile
 
+    import shutil
+
+    # Built from a clean copy: setuptools' build/ in the tree could hold stale files.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
     dist = tmp_path / "dist"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps",
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
                             "--no-build-isolation", "-q", "-w", str(dist)],
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
