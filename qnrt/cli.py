@@ -11,6 +11,7 @@ import numpy as np
 
 EPILOG = """examples:
   qnrt run models/quicknet_digits.qnb examples/            classify every image in a folder
+  qnrt run models/quicknet_digits_dc.qnb                   the examples installed with qnrt
   qnrt run model.qnb cat.png --top 3 --json                top-3 as JSON lines
   qnrt info model.qnb --input-shape 1,3,224,224            graph, parameters, planned arena
   qnrt convert model.onnx model.qnb --input-shape 1,3,32,32 --labels labels.txt
@@ -54,12 +55,51 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def bundled(path: str, package: str) -> str | None:
+    """The copy installed with qnrt (package "qnrt.models" or "qnrt.examples") of
+    a model or the examples folder named by `path`, when `path` itself does not
+    exist: so `qnrt run models/quicknet_digits_dc.qnb examples/` works from any
+    folder once qnrt is installed. None when qnrt carries nothing of that name."""
+    from importlib.resources import files
+
+    if os.path.exists(path):
+        return None
+    name = os.path.basename(os.path.normpath(path))
+    try:
+        root = files(package)
+    except ModuleNotFoundError:
+        return None
+    if package == "qnrt.examples":  # a folder without __init__.py: find it by its files
+        if name != "examples":
+            return None
+        pngs = [p for p in root.iterdir() if p.name.endswith(".png")]
+        return os.path.dirname(str(pngs[0])) if pngs else None
+    found = root / name
+    return str(found) if name.endswith(".qnb") and found.is_file() else None
+
+
 def cmd_run(args) -> int:
     from .image import (ImageError, check_preprocess, list_images, load_image,
                         skipped_subfolders)
     from .session import Session
 
     started = time.perf_counter()
+    model = bundled(args.model, "qnrt.models")
+    if model:
+        print(f"qnrt: note: no file '{args.model}' here; running the one installed with qnrt "
+              f"({model})", file=sys.stderr)
+        args.model = model
+    if not args.images:
+        args.images = [bundled("examples", "qnrt.examples") or "examples"]
+        print(f"qnrt: note: no image given; classifying the examples installed with qnrt "
+              f"({args.images[0]})", file=sys.stderr)
+    else:
+        for i, path in enumerate(args.images):
+            folder = bundled(path, "qnrt.examples")
+            if folder:
+                print(f"qnrt: note: no folder '{path}' here; using the examples installed with "
+                      f"qnrt ({folder})", file=sys.stderr)
+                args.images[i] = folder
     session = Session(args.model, kernels=args.kernels, num_threads=args.threads)
     _say_if_compiling()
     meta = session.metadata
@@ -332,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Preprocess each image as the model's metadata says, "
                                      "run the model, print the top-k labels.")
     run.add_argument("model", help="a .qnb model file")
-    run.add_argument("images", nargs="+", help="image files or folders of images")
+    run.add_argument("images", nargs="*",
+                     help="image files or folders of images (none: the examples installed with qnrt)")
     run.add_argument("--top", type=int, default=3, help="how many labels to print (default 3)")
     run.add_argument("--json", action="store_true", help="one JSON object per image")
     run.add_argument("--batch", type=int, default=16, help="images per run (default 16)")

@@ -20,6 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
+def expected_label(filename: str) -> str:
+    """What an example image shows, by its name: digit_<d>_... or not_a_digit_..."""
+    return "not a digit" if filename.startswith("not_a_digit") else filename.split("_")[1].split(".")[0]
+
+
 def qnrt_cli(*args, pre=""):
     code = pre + "import sys; from qnrt.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
@@ -206,3 +211,53 @@ def test_a_write_that_fails_is_one_error_line(tmp_path):
     assert code == 1
     lines = err.getvalue().strip().splitlines()
     assert lines[-1].endswith("out.qnb: No space left on device") and "Traceback" not in err.getvalue()
+
+
+def test_the_wheel_carries_the_models_and_examples_and_the_first_command_runs(tmp_path):
+    """`pip install qnrt` users can try the README's first command: the wheel holds
+    the shipped models and every example image, and from a folder holding neither,
+    the installed package runs `qnrt run models/quicknet_digits_dc.qnb examples/`
+    (and the same without the folder) on its own copies, reading every example right."""
+    import json
+    import sysconfig
+    import zipfile
+
+    import shutil
+
+    # Built from a clean copy: setuptools' build/ in the tree could hold stale files.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
+    dist = tmp_path / "dist"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
+                            "--no-build-isolation", "-q", "-w", str(dist)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = dist.glob("qnrt-*.whl")
+    pngs = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".png"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert {"qnrt/models/quicknet_digits.qnb", "qnrt/models/quicknet_digits_dc.qnb"} <= names
+        assert {f"qnrt/examples/{f}" for f in pngs} <= names and len(pngs) >= 10
+        for f in pngs:
+            with open(os.path.join(EXAMPLES, f), "rb") as src:
+                assert z.read(f"qnrt/examples/{f}") == src.read()
+        z.extractall(tmp_path / "site")
+    # The installed layout only: -S keeps site-packages' .pth files (and so the
+    # editable install of this tree) out; numpy, numba and pillow come by path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"),
+                                                        sysconfig.get_paths()["purelib"]])}
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    code = "import sys; from qnrt.cli import main; sys.exit(main(sys.argv[1:]))"
+    for images in (["examples/"], []):
+        out = subprocess.run([sys.executable, "-S", "-c", code, "run", "models/quicknet_digits_dc.qnb",
+                              *images, "--json", "--top", "1"],
+                             cwd=empty, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "installed with qnrt" in out.stderr
+        records = [json.loads(line) for line in out.stdout.splitlines()]
+        assert sorted(os.path.basename(r["image"]) for r in records) == pngs
+        for r in records:
+            assert r["image"].startswith(str(tmp_path / "site")), r["image"]
+            assert r["top"][0]["label"] == expected_label(os.path.basename(r["image"])), r

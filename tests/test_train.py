@@ -197,10 +197,68 @@ def test_augmentation_keeps_image_format():
     from PIL import Image
     rng = np.random.default_rng(0)
     im = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, mode="L")
-    out = datasets.augment("digits", im, rng)
-    assert out.mode == "L" and out.size == (8, 8)
     same = datasets.random_affine(im, rng, degrees=0, translate=0, scale=(1, 1))
     np.testing.assert_array_equal(np.asarray(same), np.asarray(im))
+    out = datasets.augment("cifar10", im.convert("RGB"), rng)
+    assert out.mode == "RGB" and out.size == (8, 8)
+
+
+def test_digits_training_items_draw_every_kind_at_the_input_size():
+    items, labels, test_images, test_labels, names = datasets.load("digits")
+    assert names[-1] == datasets.NOT_A_DIGIT and len(names) == 11
+    assert len(test_images) == 360 and set(test_labels) == set(range(10))
+    kinds = {type(i).__name__ for i in items}
+    assert kinds == {"Image", "FontDigit", "NonDigit"}
+    assert all((lab == datasets.NOT_A_DIGIT_CLASS) == isinstance(i, datasets.NonDigit)
+               for i, lab in zip(items, labels))
+    assert all(lab == i.digit for i, lab in zip(items, labels) if isinstance(i, datasets.FontDigit))
+    rng = np.random.default_rng(0)
+    polarity = set()
+    for k in np.random.default_rng(1).choice(len(items), 200, replace=False):
+        im = datasets.augment("digits", items[k], rng)
+        assert im.size in ((8, 8), (datasets.CANVAS, datasets.CANVAS)) or isinstance(items[k], datasets.NonDigit)
+        x = datasets.to_array([im])
+        assert x.shape == (1, 3, 32, 32) and np.isfinite(x).all()
+        if not isinstance(items[k], datasets.NonDigit):
+            corners = x[0, :, [0, 0, -1, -1], [0, -1, 0, -1]].mean()
+            polarity.add(bool(corners > 0))  # light paper or dark paper
+    assert polarity == {True, False}
+
+
+def test_the_everyday_sets_are_held_out():
+    """The drawn digits use the held-out split, fonts and seed; the non-digit
+    photo crops lie in rows no training crop reaches."""
+    assert not set(datasets.TRAIN_FONTS) & set(datasets.HELDOUT_FONTS)
+    assert datasets.PHOTO_TRAIN_ROWS[1] <= datasets.PHOTO_HELDOUT_ROWS[0]
+    import inspect
+    assert inspect.signature(datasets.non_digit).parameters["rows"].default == datasets.PHOTO_TRAIN_ROWS
+    rng = np.random.default_rng(3)
+    for rows, low, high in ((datasets.PHOTO_TRAIN_ROWS, 12, 280), (datasets.PHOTO_HELDOUT_ROWS, 24, 127)):
+        for _ in range(300):
+            k, (left, top, right, bottom) = datasets.photo_crop_box(rng, rows, low, high)
+            assert rows[0] <= top < bottom <= rows[1] and 0 <= left < right <= datasets.photos()[k].width
+    drawn = list(datasets.drawn_digits())
+    handwritten = [d for d in drawn if d.source == "handwritten"]
+    conditions = len(datasets.DRAWN_CANVASES) * len(datasets.DRAWN_HEIGHTS) * len(datasets.POLARITIES)
+    assert len(handwritten) == 360 * conditions
+    assert {d.canvas for d in drawn} == set(datasets.DRAWN_CANVASES)
+    assert datasets.CANVAS not in datasets.DRAWN_CANVASES
+    assert {d.image.size for d in drawn} == {(c, c) for c in datasets.DRAWN_CANVASES}
+
+
+def test_widen_head_keeps_the_old_classes():
+    width = 0.125
+    old = quicknet.initial_weights(width, seed=4)
+    wide = train.widen_head(old, 11)
+    model10, model11 = train.QuickNet(width, 10), train.QuickNet(width, 11)
+    train.load_neutral(model10, old)
+    train.load_neutral(model11, wide)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    model10.eval(), model11.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model11(x)[:, :10].numpy(), model10(x).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="more than"):
+        train.widen_head(wide, 10)
 
 
 def _write_cifar_fixture(root, per_batch=4, test=10):

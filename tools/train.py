@@ -177,6 +177,24 @@ def state_to_neutral(model: QuickNet) -> dict[str, np.ndarray]:
     return out
 
 
+def widen_head(weights: dict[str, np.ndarray], num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights of a model with fewer classes, given a head for `num_classes`: the
+    old classes keep their rows, the new ones start small and random (so a
+    10-class digits model can be fine-tuned into one that also says "not a digit")."""
+    w, b = weights["head.conv.weight"], weights["head.conv.bias"]
+    old = w.shape[0]
+    if old == num_classes:
+        return weights
+    if old > num_classes:
+        raise ValueError(f"the weights have {old} classes, more than the {num_classes} wanted")
+    rng = np.random.default_rng(seed)
+    out = dict(weights)
+    extra = rng.normal(0.0, float(w.std()), (num_classes - old,) + w.shape[1:]).astype(np.float32)
+    out["head.conv.weight"] = np.concatenate([w, extra])
+    out["head.conv.bias"] = np.concatenate([b, np.full(num_classes - old, float(b.mean()), np.float32)])
+    return out
+
+
 def load_neutral(model: QuickNet, weights: dict[str, np.ndarray]) -> None:
     """Copy neutral weights (e.g. from an .npz) into the model, checking names and shapes."""
     expected = weight_shapes(model.width, model.num_classes, model.in_channels)
@@ -456,6 +474,9 @@ def parse_args(argv=None):
                    help="prune the 3x3 stem and depthwise convs too (default: only the 1x1 "
                         "pointwise and head convs, about 99 %% of the weights)")
     p.add_argument("--prune-lr", type=float, help="learning rate for the pruning fine-tune (default lr/2)")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="which epoch's weights to keep: the best on the held-out images, or the "
+                        "last (the held-out digits are only a part of what is trained on)")
     p.add_argument("--out-npz", help="write the best neutral weights here (.npz)")
     p.add_argument("--out-qnb", help="write the trained model as .qnb (qnrt.format)")
     p.add_argument("--out-onnx", help="write the trained model as ONNX (exporters.onnx_export)")
@@ -490,7 +511,7 @@ def main(argv=None) -> int:
 
     model = QuickNet(args.width, num_classes=len(labels))
     if args.init_npz:
-        load_neutral(model, load_npz(args.init_npz))
+        load_neutral(model, widen_head(load_npz(args.init_npz), len(labels), args.seed))
         print(f"initial weights from {args.init_npz}", file=sys.stderr)
     n_params = sum(int(np.prod(s)) for s in weight_shapes(args.width, len(labels)).values())
     print(f"{n_params:,} parameters (BN statistics included)", file=sys.stderr)
@@ -498,7 +519,7 @@ def main(argv=None) -> int:
     best = {"acc": -1.0, "loss": math.inf, "state": None, "epoch": None}
 
     def consider(tag, acc, loss):
-        if acc > best["acc"] or (acc == best["acc"] and loss < best["loss"]):
+        if args.keep == "last" or acc > best["acc"] or (acc == best["acc"] and loss < best["loss"]):
             best.update(acc=acc, loss=loss, state=copy.deepcopy(model.state_dict()), epoch=tag)
             if args.out_npz:
                 save_npz(state_to_neutral(model), args.out_npz)
@@ -522,6 +543,10 @@ def main(argv=None) -> int:
         # sparsity can be kept.
         model.load_state_dict(best["state"])
         best.update(acc=-1.0, loss=math.inf, state=None, epoch=None)
+        # BN statistics are re-estimated on one fixed rendering of the training
+        # items, so they describe what training draws.
+        calib_rng = np.random.default_rng(args.seed + 1)
+        calibration = [datasets.augment(args.dataset, im, calib_rng) for im in train_images]
         which = "all" if args.prune_all else "1x1"
         fixed = {}
 
@@ -535,7 +560,7 @@ def main(argv=None) -> int:
 
         run_epochs(model, "prune", args.prune_epochs, data, args, rng,
                    args.prune_lr or args.lr / 2.0, masks_at=masks_at,
-                   before_eval=lambda: recalibrate_bn(model, train_images, args.batch_size),
+                   before_eval=lambda: recalibrate_bn(model, calibration, args.batch_size),
                    on_epoch=lambda e, acc, loss: "masks" in fixed and consider(f"prune epoch {e}", acc, loss))
         if best["state"] is None:
             raise RuntimeError("pruning never reached the target sparsity")
@@ -547,7 +572,7 @@ def main(argv=None) -> int:
     if args.prune is not None:
         extra_meta["model.sparsity"] = conv_sparsity(model)  # zeros among all conv weights
     elapsed = time.time() - t_start
-    summary = (f"best held-out accuracy {100 * best['acc']:.2f}% ({best['epoch']}) "
+    summary = (f"kept: held-out accuracy {100 * best['acc']:.2f}% ({best['epoch']}) "
                f"on {len(test_y)} images; {elapsed:.0f}s")
     if "model.sparsity" in extra_meta:
         summary += f"; conv sparsity {100 * extra_meta['model.sparsity']:.1f}%"
