@@ -26,7 +26,7 @@ import numpy as np
 from .graph import Graph, GraphError
 from .ops import Kernel, get_op
 from .planner import ALIGN, READ_AFTER_RUN, Buffer, Plan, plan
-from .threads import threaded
+from .threads import threaded, threaded_workspace
 
 FLOAT = np.dtype(np.float32).itemsize
 
@@ -338,7 +338,6 @@ def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: in
     the ranges' band buffers together would make the arena larger than
     arena_limit (or, without one, than the one-thread arena), of a half or a
     quarter of it: a small arena is what streaming is for."""
-    from . import streaming
     budget = max(memory.arena_bytes, arena_limit or 0)
     groups = list(groups)
     for i, group in enumerate(groups):
@@ -414,6 +413,16 @@ def compile_program(graph: Graph, consts: dict, input_shapes: dict,
     if groups and pool is not None and pool.threads > 1:
         groups, layout, memory = _rows_on_threads(graph, shapes, kernels, groups, layout, memory,
                                                   pool.threads, arena_limit)
+    if pool is not None and pool.threads > 1:  # a share of scratch for each thread
+        wider = [dataclasses.replace(k, workspace=threaded_workspace(k, pool.threads))
+                 for k in kernels]
+        if any(a.workspace != b.workspace for a, b in zip(wider, kernels)):
+            wide_layout = _layout(graph, shapes, wider, groups)
+            wide_memory = wide_layout.plan(len(graph.nodes))
+            if arena_limit is None or wide_memory.arena_bytes <= arena_limit:
+                layout, memory = wide_layout, wide_memory
+            else:  # the limit leaves no room for it: steps run their parts in turn
+                pool = None
     if arena_limit is not None and memory.arena_bytes > arena_limit:
         raise ArenaLimitError(f"no schedule fits arena_limit={arena_limit:,} bytes; the "
                               f"smallest arena reachable is {memory.arena_bytes:,} bytes",

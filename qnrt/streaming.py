@@ -33,7 +33,7 @@ import numpy as np
 from .graph import GraphError, Node
 from .ops import Kernel, OpDef, RowWindow, get_op
 from .planner import Buffer, aligned, place
-from .threads import parallel as threading_run, threaded
+from .threads import parallel as threading_run
 
 FLOAT = np.dtype(np.float32).itemsize
 BANDS = (1, 2, 4, 8, 16)  # output rows per band the schedule tries
@@ -551,7 +551,7 @@ def simulate(choice: GroupChoice, place: bool = True, rows: tuple | None = None)
 
 
 def bind(program: GroupProgram, x0: np.ndarray, xm: np.ndarray,
-         workspace: np.ndarray, pool=None) -> list:
+         workspace: np.ndarray) -> list:
     """The recorded actions as (function, args) over views of real memory."""
     band_bytes = aligned(FLOAT * program.workspace_floats)
     band_flat = workspace[:band_bytes].view(np.float32)
@@ -572,7 +572,7 @@ def bind(program: GroupProgram, x0: np.ndarray, xm: np.ndarray,
             out.append((np.copyto, (view(action[1]), view(action[2]))))
             continue
         _, link, band, src, dst = action
-        kernel = threaded(link.kernel(band), pool)
+        kernel = link.kernel(band)
         whole = dataclasses.replace(dst, r0=dst.first, r1=dst.first + dst.shape[2])
         args = ([view(src)] + list(link.consts), [view(whole)],
                 kernel_ws if kernel.workspace else None)
@@ -647,8 +647,7 @@ def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
                  workspace: np.ndarray, pool=None) -> Kernel:
     """A finalized group as one step over its views in the arena (bound once:
     the views are the program's). With row parts (split_rows) and a pool,
-    each range of rows runs on a thread of its own; otherwise band kernels
-    that split run their parts on the pool's threads."""
+    each range of rows runs on a thread of its own."""
     names = " > ".join(link.variant for link in choice.links)
     name = f"stream({names}; {choice.band} rows)"
     if choice.row_parts and pool is not None and pool.threads > 1:
@@ -658,13 +657,13 @@ def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
             bound.append(bind(part.program, x0, xm, workspace[at:at + size]))
             at += size
 
-        def run_part(part, ins, outs, _workspace):
+        def run_part(part, ins, outs, _workspace):  # each range has its own memory
             for fn, args in bound[part]:
                 fn(*args)
         run = threading_run(run_part, len(bound), pool)
         return Kernel(run, workspace=choice.workspace, name=name, parts=len(bound),
                       run_part=run_part)
-    actions = bind(choice.program, x0, xm, workspace, pool)
+    actions = bind(choice.program, x0, xm, workspace)  # band kernels' parts in order
 
     def run(ins, outs, _workspace):
         for fn, args in actions:

@@ -58,9 +58,11 @@ class OversubscriptionWarning(UserWarning):
 class WorkerPool:
     """`threads - 1` daemon worker threads, started at the first call that has
     parts for them; the caller's thread is the other one. run_parts(fn, parts,
-    args) calls fn(part, *args) for every part in range(parts), spread over
-    the threads, and returns when all are done (re-raising the first exception
-    a part raised). Nothing is allocated per call beyond the call's own frames."""
+    args) calls fn(part, slot, *args) for every part in range(parts), spread
+    over the threads (slot: the thread's index, 0 for the caller's, for its
+    share of the workspace), and returns when all are done (re-raising the
+    first exception a part raised). Nothing is allocated per call beyond the
+    call's own frames."""
 
     def __init__(self, threads: int):
         self.threads = threads
@@ -94,16 +96,16 @@ class WorkerPool:
             if self._closed:
                 done.release()
                 return
-            self._drain()
+            self._drain(i + 1)
             done.release()
 
-    def _drain(self) -> None:
+    def _drain(self, slot: int) -> None:
         fn, args, parts, counter = self._job
         try:
             for part in counter:  # next() on itertools.count is atomic under the GIL
                 if part >= parts:
                     break
-                fn(part, *args)
+                fn(part, slot, *args)
         except BaseException as exc:  # noqa: BLE001  (handed to the caller)
             self._errors.append(exc)
 
@@ -113,12 +115,12 @@ class WorkerPool:
         helpers = min(len(self._workers), parts - 1)
         if helpers <= 0:
             for part in range(parts):
-                fn(part, *args)
+                fn(part, 0, *args)
             return
         self._job = (fn, args, parts, itertools.count())
         for i in range(helpers):
             self._wake[i].release()
-        self._drain()
+        self._drain(0)
         for i in range(helpers):
             self._done[i].acquire()
         self._job = None
@@ -140,18 +142,25 @@ class WorkerPool:
             t.join()
 
 
-def parallel(kernel_fn, parts: int, pool: WorkerPool | None):
-    """A callable with kernel_fn's serial signature minus the part index that runs
-    every part: on the pool's threads, or in order in this thread."""
-    if pool is None or pool.threads == 1 or parts <= 1:
-        def serial(*args):
-            for part in range(parts):
-                kernel_fn(part, *args)
-        return serial
+def slots(kernel, threads: int) -> int:
+    """Shares of scratch a kernel needs on `threads` threads: one per thread
+    that can have a part at once."""
+    return max(1, min(kernel.parts, threads)) if kernel.workspace else 1
 
-    def threaded(*args):
-        pool.run_parts(kernel_fn, parts, args)
-    return threaded
+
+def parallel(part_fn, parts: int, pool: WorkerPool, slot_bytes: int = 0):
+    """A callable with the serial signature (ins, outs, workspace, *rows) that
+    runs part_fn(part, ins, outs, scratch, *rows) for every part on the pool's
+    threads, each thread on its own slot_bytes of the workspace (all of it
+    where slot_bytes is 0)."""
+    def in_slot(part, slot, ins, outs, workspace, *rows):
+        if slot_bytes:
+            workspace = workspace[slot * slot_bytes:(slot + 1) * slot_bytes]
+        part_fn(part, ins, outs, workspace, *rows)
+
+    def threaded_run(*args):
+        pool.run_parts(in_slot, parts, args)
+    return threaded_run
 
 
 # --- numpy's BLAS ----------------------------------------------------------------
@@ -241,9 +250,19 @@ def warn_oversubscribed(threads: int) -> None:
 
 def threaded(kernel, pool: WorkerPool | None):
     """The kernel with run (and run_rows) spreading its parts over the pool's
-    threads; the kernel itself where it does not split or there is no pool."""
+    threads, each with its own share of a workspace of slots(kernel) x
+    aligned(kernel.workspace) bytes (the compiler plans that much); the kernel
+    itself where it does not split or there is no pool."""
     if pool is None or pool.threads == 1 or kernel.parts <= 1 or kernel.run_part is None:
         return kernel
-    run = parallel(kernel.run_part, kernel.parts, pool)
-    return dataclasses.replace(kernel, run=run,
+    from .planner import aligned
+    run = parallel(kernel.run_part, kernel.parts, pool, aligned(kernel.workspace))
+    return dataclasses.replace(kernel, run=run, workspace=threaded_workspace(kernel, pool.threads),
                                run_rows=run if kernel.run_rows is not None else None)
+
+
+def threaded_workspace(kernel, threads: int) -> int:
+    """The scratch bytes a kernel needs on `threads` threads."""
+    from .planner import aligned
+    n = slots(kernel, threads)
+    return kernel.workspace if n == 1 else aligned(kernel.workspace) * n

@@ -249,7 +249,8 @@ def test_worker_threads_start_when_needed_and_end_with_their_session():
 def test_an_exception_in_a_part_reaches_the_caller():
     pool = threads.WorkerPool(3)
     try:
-        def part(p, box):
+        def part(p, slot, box):
+            assert 0 <= slot < 3
             if p == 5:
                 raise RuntimeError("part 5")
             box.append(p)
@@ -258,7 +259,7 @@ def test_an_exception_in_a_part_reaches_the_caller():
             pool.run_parts(part, 8, (box,))
         assert sorted(box) == [0, 1, 2, 3, 4, 6, 7]
         box.clear()
-        pool.run_parts(lambda p, b: b.append(p), 8, (box,))  # the pool still works
+        pool.run_parts(lambda p, slot, b: b.append(p), 8, (box,))  # the pool still works
         assert sorted(box) == list(range(8))
     finally:
         pool.close()
@@ -345,16 +346,21 @@ def test_random_chains_split_by_rows_same_bits(seed):
         pytest.skip("the last op's output has fewer row blocks than threads")
 
 
-def test_threads_split_streamed_rows_without_a_larger_arena():
-    """At 224x224 the default plan streams the first stages; on 2 threads each
-    half of their rows runs on its own thread, in lower bands if need be, and
-    the arena stays the one-thread arena's size."""
+def test_threads_keep_the_arena_and_split_streamed_rows_within_a_limit():
+    """At 224x224 the default plan streams the first stages. On 2 threads the
+    arena stays the one-thread arena (plus a share of scratch per thread);
+    with an arena_limit that leaves room, each thread runs its own range of a
+    streamed group's rows. The bits are the same either way."""
     shape = (1, 3, 224, 224)
-    one = Session(MODEL, num_threads=1).prepare({"input": shape})
-    two = Session(MODEL, num_threads=2)
-    program = two.prepare({"input": shape})
-    assert one.groups and [len(g.row_parts) for g in program.groups] == [2] * len(one.groups)
-    assert program.memory.arena_bytes <= one.memory.arena_bytes
     x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
-    want = Session(MODEL, num_threads=1).run(None, {"input": x})[0]
+    one = Session(MODEL, num_threads=1)
+    want = one.run(None, {"input": x})[0]
+    base = one.prepare({"input": shape}).memory.arena_bytes
+    two = Session(MODEL, num_threads=2)
+    assert two.prepare({"input": shape}).memory.arena_bytes <= 1.1 * base
     assert np.array_equal(bits(two.run(None, {"input": x})[0]), bits(want))
+    roomy = Session(MODEL, num_threads=2, arena_limit=8_000_000)
+    program = roomy.prepare({"input": shape})
+    assert program.groups and all(len(g.row_parts) == 2 for g in program.groups)
+    assert program.memory.arena_bytes <= 8_000_000
+    assert np.array_equal(bits(roomy.run(None, {"input": x})[0]), bits(want))

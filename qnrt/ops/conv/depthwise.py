@@ -52,7 +52,7 @@ def build_nhwc(spec) -> Kernel:
     cin, cout, kh, kw, hw, ohw = g.cin, g.cout, g.kh, g.kw, g.hw, g.ohw
     (sh, sw), (dh, dw), (ph, pw) = g.strides, g.dilations, g.pads_begin
     taps = _nhwc_taps(g.h, g.w, g.oh, g.ow, kh, kw, sh, sw, ph, pw, dh, dw)
-    nhwc_bytes = _nhwc_bytes(g)  # per part: one image channels-last, in and out
+    nhwc_bytes = _nhwc_bytes(g)  # one image channels-last, in and out
     parts = parts_for(g.n, NS_PER_TAP * kh * kw * ohw * cin)  # each part: a range of images
     ranges = split_ranges(g.n, parts)
     kind, a, b = epi.code, epi.a, epi.b
@@ -65,12 +65,12 @@ def build_nhwc(spec) -> Kernel:
 
     def run_span(p0, p1, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[nhwc_bytes * p0:nhwc_bytes * (p0 + 1)].view(np.float32)
+        ws = workspace[:nhwc_bytes].view(np.float32)
         _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
                  slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
                  ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b, ranges[p0][0], ranges[p1 - 1][1])
     run, run_part = by_parts(run_span, parts)
-    return Kernel(run, workspace=nhwc_bytes * parts, row_block=1,
+    return Kernel(run, workspace=nhwc_bytes, row_block=1,
                   inplace=True, band_pads=True, parts=parts,  # x[n] read first
                   run_part=run_part)
 
@@ -153,7 +153,7 @@ def build_dw3x3_padded(spec) -> Kernel:
     g, epi = spec.geometry, spec.epilogue
     wd, oh, mult = _depthwise_weights(spec), g.oh, g.multiplier
     sp = g.w + 1
-    pad_floats = (oh + 2) * sp + 1 + oh * sp  # one part's padded plane and output rows
+    pad_floats = (oh + 2) * sp + 1 + oh * sp  # the padded plane and output rows
     planes = g.n * g.cout
     parts = parts_for(planes, NS_PER_TAP * 9 * g.ohw)
     ranges = split_ranges(planes, parts)
@@ -161,12 +161,12 @@ def build_dw3x3_padded(spec) -> Kernel:
 
     def run_span(p0, p1, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[FLOAT * pad_floats * p0:FLOAT * pad_floats * (p0 + 1)].view(np.float32)
+        ws = workspace[:FLOAT * pad_floats].view(np.float32)
         q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
         _dw3x3_padded(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
                       kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:], q0, q1)
     run, run_part = by_parts(run_span, parts)
-    return Kernel(run, workspace=FLOAT * pad_floats * parts,
+    return Kernel(run, workspace=FLOAT * pad_floats,
                   row_block=1, inplace=True, parts=parts,  # each plane copied first
                   run_part=run_part)
 
@@ -240,15 +240,14 @@ def build_dw3x3_plane(spec) -> Kernel:
         w = wd if wd is not None else ins[1]
         q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
         if plane_bytes and same_memory(ins[0], outs[0]):
-            at = plane_bytes * p0
             _dw3x3_inplace(outs[0], w, bias, slope, kind, a, b, zero,
-                           workspace[at:at + plane_bytes].view(np.float32).reshape(g.h, g.w),
+                           workspace[:plane_bytes].view(np.float32).reshape(g.h, g.w),
                            q0, q1)
         else:
             _dw3x3(ins[0], w, bias, slope, outs[0], mult, kind, a, b, zero, r0, r1, q0, q1)
 
     run, run_part = by_parts(run_span, parts)  # (ins, outs, workspace[, r0, r1])
-    return Kernel(run, workspace=plane_bytes * parts, row_block=1, inplace=mult == 1,
+    return Kernel(run, workspace=plane_bytes, row_block=1, inplace=mult == 1,
                   run_rows=run, parts=parts, run_part=run_part)
 
 

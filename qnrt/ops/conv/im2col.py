@@ -47,14 +47,14 @@ def build_im2col(spec) -> Kernel:
     tile_table = np.array(tiles, np.int64).reshape(-1, 3)
     parts = parts_for(len(tiles), NS_PER_MAC * cout * kk * tile)
     ranges = split_ranges(len(tiles), parts)
-    cols_bytes = FLOAT * kk * tile  # per part: the columns of one tile
+    cols_bytes = FLOAT * kk * tile  # the columns of one tile
     direct = bool(SGEMM) and sgemm_like_matmul(mg, min(t for _, _, t in tiles))
 
     def run_span(p0, p1, ins, outs, workspace):
         x, y = ins[0], outs[0]
         wm = wg if wg is not None else ins[1].reshape(group, mg, kk)
         bias, slope = epi.operands(ins)
-        cols = workspace[cols_bytes * p0:cols_bytes * (p0 + 1)].view(np.float32)
+        cols = workspace[:cols_bytes].view(np.float32)
         if direct:  # the whole part in one call, without the GIL
             _im2col_tiles(SGEMM, SGEMM_ILP64, x, wm, address(y), y.strides[0] >> 2,
                           y.strides[1] >> 2, tile_table, ranges[p0][0], ranges[p1 - 1][1],
@@ -70,7 +70,7 @@ def build_im2col(spec) -> Kernel:
             if active:
                 epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
     run, run_part = by_parts(run_span, parts)
-    return Kernel(run, workspace=cols_bytes * parts, row_block=block,
+    return Kernel(run, workspace=cols_bytes, row_block=block,
                   band_pads=True, parts=parts, run_part=run_part)
 
 

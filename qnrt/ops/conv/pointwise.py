@@ -56,18 +56,18 @@ def build_skinny(spec) -> Kernel:
     ranges = split_ranges(cout, parts)
     range_table = np.array(ranges, np.int64).reshape(-1, 2)
     most = max(hi - lo for lo, hi in ranges)
-    part_floats = SKINNY_COLS * (cin + most)  # one part's X copy and product rows
+    part_floats = SKINNY_COLS * (cin + most)  # X's copy and a part's product rows
     kind, a, b = epi.code, epi.a, epi.b
 
     def run_span(p0, p1, ins, outs, workspace):
         bias, slope = epi.operands(ins)
-        ws = workspace[FLOAT * part_floats * p0:FLOAT * part_floats * (p0 + 1)].view(np.float32)
+        ws = workspace[:FLOAT * part_floats].view(np.float32)
         _pw_skinny(ins[0].reshape(n, cin, hw), w_ro, scale,
                    ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
                    ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, most),
                    outs[0].reshape(n, cout, hw), bias, slope, kind, a, b, range_table, p0, p1)
     run, run_part = by_parts(run_span, parts)
-    return Kernel(run, workspace=FLOAT * part_floats * parts, row_block=1, band_pads=True,
+    return Kernel(run, workspace=FLOAT * part_floats, row_block=1, band_pads=True,
                   parts=parts, run_part=run_part)
 
 
@@ -152,7 +152,7 @@ def build_batched(spec) -> Kernel:
     chunk_table = np.array(chunks, np.int64).reshape(-1, 2)
     parts = parts_for(len(chunks), NS_PER_MAC * cin * cout * cols)
     ranges = split_ranges(len(chunks), parts)
-    ws_bytes = FLOAT * cols * (cin + cout)  # per part: its gathered X and product
+    ws_bytes = FLOAT * cols * (cin + cout)  # the gathered X and product
     direct = bool(SGEMM) and sgemm_like_matmul(cout, min(c for _, c in chunks))
     kind, a, b = epi.code, epi.a, epi.b
 
@@ -160,7 +160,7 @@ def build_batched(spec) -> Kernel:
         x3, y3 = ins[0].reshape(n, cin, hw), outs[0].reshape(n, cout, hw)
         wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
         bias, slope = epi.operands(ins)
-        ws = workspace[ws_bytes * p0:ws_bytes * (p0 + 1)].view(np.float32)
+        ws = workspace[:ws_bytes].view(np.float32)
         if direct:  # the whole part in one call, without the GIL
             _batched(SGEMM, SGEMM_ILP64, wm, x3, y3, chunk_table, ranges[p0][0],
                      ranges[p1 - 1][1], ws, cols, bias, slope, kind, a, b)
@@ -173,7 +173,7 @@ def build_batched(spec) -> Kernel:
             np.matmul(wm, xv, out=yv)
             _scatter_images(yv, y3, n0, bias, slope, kind, a, b)
     run, run_part = by_parts(run_span, parts)
-    return Kernel(run, workspace=ws_bytes * parts, parts=parts,
+    return Kernel(run, workspace=ws_bytes, parts=parts,
                   run_part=run_part)
 
 
@@ -252,7 +252,7 @@ def build_gemm(spec) -> Kernel:
         wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
         bias, slope = epi.operands(ins)
         inplace = scratch and same_memory(x, y)
-        ws = workspace[p0 * scratch:(p0 + 1) * scratch].view(np.float32) if inplace else None
+        ws = workspace[:scratch].view(np.float32) if inplace else None
         if direct:  # the whole part in one call, without the GIL
             _pw_gemm(SGEMM, SGEMM_ILP64, wm, address(x), x.strides[0] >> 2, x.strides[1] >> 2,
                      address(y), y.strides[0] >> 2, y.strides[1] >> 2, block_table,
@@ -268,7 +268,7 @@ def build_gemm(spec) -> Kernel:
             if active:
                 epilogue(yi, 0, cout, t0, t1, bias, slope, kind, a, b)
     run, run_part = by_parts(run_span, parts)
-    return Kernel(run, workspace=scratch * parts, row_block=rows,
+    return Kernel(run, workspace=scratch, row_block=rows,
                   strided_input=True, inplace=bool(scratch), band_pads=True, parts=parts,
                   run_part=run_part)
 
