@@ -3,15 +3,16 @@ thread while qnrt runs.
 
 A kernel that splits (Kernel.parts > 1) computes disjoint pieces of its
 output in `run_part(part, ins, outs, workspace, ...)`: each piece with the
-same arithmetic as the whole run and its own slice of the workspace, so the
-pieces may run in any order on any thread and the outputs are the same bits
-whatever the thread count. The parts are fixed when the kernel is built (at
-most MAX_PARTS), never by the thread count, so the arena plan does not depend
-on it either.
+same arithmetic as the whole run, so the pieces may run in any order on any
+thread and the outputs are the same bits whatever the thread count. The
+parts are fixed when the kernel is built (at most MAX_PARTS), never by the
+thread count. Each thread works in its own share of the kernel's scratch
+(Kernel.workspace is one share; the compiler plans one per thread that can
+hold a part), so one thread's plan is exactly the one-thread plan.
 
 The workers are Python threads: the kernels release the GIL (Numba's nogil,
-the `qnrt compile` build's exports, and numpy's matmul), so they run on
-separate cores. While a run is in progress numpy's BLAS is set to one thread
+kept by the `qnrt compile` build's exports; the BLAS-bound kernels call
+numpy's sgemm from inside Numba), so they run on separate cores. While a run is in progress numpy's BLAS is set to one thread
 (its own threads would compete with the workers for the same cores) and
 set back to the caller's setting when the last concurrent run ends.
 """

@@ -67,9 +67,10 @@ class Kernel:
     rows in a band.
     parts > 1 and run_part(part, ins, outs, workspace[, r0, r1]): the kernel
     splits into `parts` pieces that write disjoint parts of the output, each
-    with the same arithmetic as run() and its own share of the workspace, so
-    they may run at once on several threads (qnrt.threads); run() is the
-    parts in order. r0, r1 are passed where the kernel has run_rows."""
+    with the same arithmetic as run(), so they may run at once on several
+    threads (qnrt.threads), each thread given its own `workspace` bytes of
+    scratch; run() is the parts in order. r0, r1 are passed where the kernel
+    has run_rows."""
     run: Callable
     workspace: int = 0  # bytes
     name: str = ""
