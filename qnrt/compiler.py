@@ -338,10 +338,11 @@ def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: in
     the ranges' band buffers together would make the arena larger than
     arena_limit (or, without one, than the one-thread arena), of a half or a
     quarter of it: a small arena is what streaming is for."""
+    from . import streaming
     budget = max(memory.arena_bytes, arena_limit or 0)
     groups = list(groups)
     for i, group in enumerate(groups):
-        for candidate in _thread_candidates(group, threads):
+        for candidate in streaming.row_split_candidates(group, threads):
             trial = groups[:i] + [candidate] + groups[i + 1:]
             trial_layout = _layout(graph, shapes, kernels, trial)
             trial_memory = trial_layout.plan(len(graph.nodes))
@@ -349,30 +350,6 @@ def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: in
                 groups, layout, memory = trial, trial_layout, trial_memory
                 break
     return tuple(groups), layout, memory
-
-
-def _thread_candidates(group, threads: int):
-    """The group split by rows for `threads`, in its own bands, then in lower ones."""
-    from . import streaming
-    split = streaming.split_rows(group, threads)
-    if not split.row_parts:
-        return
-    yield split
-    links = list(group.links)
-    for band in (group.band // 2, group.band // 4):
-        for policy in (streaming.cadence, streaming.uniform):
-            if band < 1:
-                continue
-            try:
-                choice = streaming.group_choice(links, band, streaming.Stats(), policy)
-                if choice is None:
-                    continue
-                streaming.check_kernels(choice)
-                split = streaming.split_rows(streaming.finalize(choice), threads)
-            except (streaming.NotStreamable, GraphError):
-                continue
-            if split.row_parts:
-                yield split
 
 
 def compile_program(graph: Graph, consts: dict, input_shapes: dict,

@@ -643,6 +643,27 @@ def split_rows(choice: GroupChoice, parts: int) -> GroupChoice:
                                workspace=sum(p.band_bytes + p.kernel_bytes for p in pieces))
 
 
+def row_split_candidates(group: GroupChoice, threads: int):
+    """The group split by rows for `threads`, in its own bands, then in lower ones."""
+    split = split_rows(group, threads)
+    if not split.row_parts:
+        return
+    yield split
+    links = list(group.links)
+    for band in (b for b in (group.band // 2, group.band // 4) if b >= 1):
+        for policy in (cadence, uniform):
+            try:
+                choice = group_choice(links, band, Stats(), policy)
+                if choice is None:
+                    continue
+                check_kernels(choice)
+                split = split_rows(finalize(choice), threads)
+            except (NotStreamable, GraphError):
+                continue
+            if split.row_parts:
+                yield split
+
+
 def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
                  workspace: np.ndarray, pool=None) -> Kernel:
     """A finalized group as one step over its views in the arena (bound once:

@@ -22,12 +22,11 @@ import ctypes
 import dataclasses
 import glob
 import itertools
-import logging
 import os
 import threading
 import warnings
 
-log = logging.getLogger("qnrt")
+from .planner import aligned
 
 MAX_PARTS = 8  # pieces a kernel splits into at most: threads beyond this have nothing to do
 
@@ -178,7 +177,6 @@ class BlasThreads:
         self._threads_running = 0
         self._saved = None
         self._get, self._set = _openblas_functions()
-        self.warned = False
 
     @property
     def controllable(self) -> bool:
@@ -256,7 +254,6 @@ def threaded(kernel, pool: WorkerPool | None):
     itself where it does not split or there is no pool."""
     if pool is None or pool.threads == 1 or kernel.parts <= 1 or kernel.run_part is None:
         return kernel
-    from .planner import aligned
     run = parallel(kernel.run_part, kernel.parts, pool, aligned(kernel.workspace))
     return dataclasses.replace(kernel, run=run, workspace=threaded_workspace(kernel, pool.threads),
                                run_rows=run if kernel.run_rows is not None else None)
@@ -264,6 +261,5 @@ def threaded(kernel, pool: WorkerPool | None):
 
 def threaded_workspace(kernel, threads: int) -> int:
     """The scratch bytes a kernel needs on `threads` threads."""
-    from .planner import aligned
     n = slots(kernel, threads)
     return kernel.workspace if n == 1 else aligned(kernel.workspace) * n
