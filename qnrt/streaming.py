@@ -678,12 +678,13 @@ def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
             bound.append(bind(part.program, x0, xm, workspace[at:at + size]))
             at += size
 
-        def run_part(part, ins, outs, _workspace):  # each range has its own memory
-            for fn, args in bound[part]:
-                fn(*args)
-        run = threading_run(run_part, len(bound), pool)
+        def run_parts(p0, p1, ins, outs, _workspace):  # each range has its own memory
+            for part in range(p0, p1):
+                for fn, args in bound[part]:
+                    fn(*args)
+        run = threading_run(run_parts, len(bound), pool)
         return Kernel(run, workspace=choice.workspace, name=name, parts=len(bound),
-                      run_part=run_part)
+                      run_parts=run_parts)
     actions = bind(choice.program, x0, xm, workspace)  # band kernels' parts in order
 
     def run(ins, outs, _workspace):

@@ -2,7 +2,7 @@
 thread while qnrt runs.
 
 A kernel that splits (Kernel.parts > 1) computes disjoint pieces of its
-output in `run_part(part, ins, outs, workspace, ...)`: each piece with the
+output in `run_parts(p0, p1, ins, outs, workspace, ...)`: each piece with the
 same arithmetic as the whole run, so the pieces may run in any order on any
 thread and the outputs are the same bits whatever the thread count. The
 parts are fixed when the kernel is built (at most MAX_PARTS), never by the
@@ -57,12 +57,11 @@ class OversubscriptionWarning(UserWarning):
 
 class WorkerPool:
     """`threads - 1` daemon worker threads, started at the first call that has
-    parts for them; the caller's thread is the other one. run_parts(fn, parts,
-    args) calls fn(part, slot, *args) for every part in range(parts), spread
-    over the threads (slot: the thread's index, 0 for the caller's, for its
-    share of the workspace), and returns when all are done (re-raising the
-    first exception a part raised). Nothing is allocated per call beyond the
-    call's own frames."""
+    parts for them; the caller's thread is the other one. run_spans(fn, parts,
+    args) hands each thread one contiguous span of range(parts) (slot: the
+    thread's index, 0 for the caller's, for its share of the workspace), and
+    returns when all are done (re-raising the first exception a span raised).
+    Nothing is allocated per call beyond the call's own frames."""
 
     def __init__(self, threads: int):
         self.threads = threads
@@ -100,28 +99,27 @@ class WorkerPool:
             done.release()
 
     def _drain(self, slot: int) -> None:
-        fn, args, parts, counter = self._job
+        fn, args, parts, spans = self._job
         try:
-            for part in counter:  # next() on itertools.count is atomic under the GIL
-                if part >= parts:
-                    break
-                fn(part, slot, *args)
+            fn(parts * slot // spans, parts * (slot + 1) // spans, slot, *args)
         except BaseException as exc:  # noqa: BLE001  (handed to the caller)
             self._errors.append(exc)
 
-    def run_parts(self, fn, parts: int, args: tuple) -> None:
+    def run_spans(self, fn, parts: int, args: tuple) -> None:
+        """fn(p0, p1, slot, *args) for near-equal contiguous spans [p0, p1) of
+        range(parts), one span to each thread (the caller's is slot 0), so a
+        kernel makes one call per thread and may merge its neighbouring parts."""
         if not self._workers:
             self._start()
-        helpers = min(len(self._workers), parts - 1)
-        if helpers <= 0:
-            for part in range(parts):
-                fn(part, 0, *args)
+        spans = min(len(self._workers) + 1, parts)
+        if spans <= 1:
+            fn(0, parts, 0, *args)
             return
-        self._job = (fn, args, parts, itertools.count())
-        for i in range(helpers):
+        self._job = (fn, args, parts, spans)
+        for i in range(spans - 1):
             self._wake[i].release()
         self._drain(0)
-        for i in range(helpers):
+        for i in range(spans - 1):
             self._done[i].acquire()
         self._job = None
         if self._errors:
@@ -148,18 +146,18 @@ def slots(kernel, threads: int) -> int:
     return max(1, min(kernel.parts, threads)) if kernel.workspace else 1
 
 
-def parallel(part_fn, parts: int, pool: WorkerPool, slot_bytes: int = 0):
+def parallel(run_parts, parts: int, pool: WorkerPool, slot_bytes: int = 0):
     """A callable with the serial signature (ins, outs, workspace, *rows) that
-    runs part_fn(part, ins, outs, scratch, *rows) for every part on the pool's
-    threads, each thread on its own slot_bytes of the workspace (all of it
-    where slot_bytes is 0)."""
-    def in_slot(part, slot, ins, outs, workspace, *rows):
+    runs run_parts(p0, p1, ins, outs, scratch, *rows) for one span of the
+    parts on each of the pool's threads, each thread on its own slot_bytes of
+    the workspace (all of it where slot_bytes is 0)."""
+    def in_slot(p0, p1, slot, ins, outs, workspace, *rows):
         if slot_bytes:
             workspace = workspace[slot * slot_bytes:(slot + 1) * slot_bytes]
-        part_fn(part, ins, outs, workspace, *rows)
+        run_parts(p0, p1, ins, outs, workspace, *rows)
 
     def threaded_run(*args):
-        pool.run_parts(in_slot, parts, args)
+        pool.run_spans(in_slot, parts, args)
     return threaded_run
 
 
@@ -252,9 +250,9 @@ def threaded(kernel, pool: WorkerPool | None):
     threads, each with its own share of a workspace of slots(kernel) x
     aligned(kernel.workspace) bytes (the compiler plans that much); the kernel
     itself where it does not split or there is no pool."""
-    if pool is None or pool.threads == 1 or kernel.parts <= 1 or kernel.run_part is None:
+    if pool is None or pool.threads == 1 or kernel.parts <= 1 or kernel.run_parts is None:
         return kernel
-    run = parallel(kernel.run_part, kernel.parts, pool, aligned(kernel.workspace))
+    run = parallel(kernel.run_parts, kernel.parts, pool, aligned(kernel.workspace))
     return dataclasses.replace(kernel, run=run, workspace=threaded_workspace(kernel, pool.threads),
                                run_rows=run if kernel.run_rows is not None else None)
 

@@ -163,7 +163,7 @@ xa = rng.standard_normal((1, 256, 128, 128)).astype(np.float32)
 ya = np.empty_like(xa)
 w = rng.standard_normal((256, 256)).astype(np.float32)
 w.flags.writeable = False
-blocks = np.array([(0, t, t + 256) for t in range(0, 128 * 128, 256)], np.int64)
+blocks = np.array([(0, t, t + 256, 0, 256) for t in range(0, 128 * 128, 256)], np.int64)
 z = np.zeros(256, np.float32)
 args = (_common.SGEMM, _common.SGEMM_ILP64, w, _common.address(xa), 256 * 128 * 128, 128 * 128,
         _common.address(ya), 256 * 128 * 128, 128 * 128, blocks, 0, len(blocks),

@@ -44,6 +44,60 @@ def test_parts_split_large_kernels_only():
     assert threads.MAX_PARTS == _common.MAX_PARTS
 
 
+def test_channel_ranges_split_late_layers_only():
+    from qnrt.ops.conv.pointwise import CHANNEL_MIN, CHANNEL_STEP, channel_ranges
+    assert channel_ranges(1024, 13, 1e6) == [(0, 1024)]  # enough blocks already
+    assert channel_ranges(1024, 1, 10.0) == [(0, 1024)]  # too little work
+    assert channel_ranges(128, 1, 1e9) == [(0, 128)]  # too few channels
+    for cout in (256, 512, 1000, 1024, 2048):
+        ranges = channel_ranges(cout, 1, 1e9)
+        assert ranges[0][0] == 0 and ranges[-1][1] == cout
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(lo % CHANNEL_STEP == 0 and hi - lo >= CHANNEL_MIN - CHANNEL_STEP
+                   for lo, hi in ranges)
+        assert len(ranges) == min(_common.MAX_PARTS, cout // CHANNEL_MIN)
+
+
+@pytest.mark.parametrize("m,n,k", [(1024, 196, 1024), (1024, 100, 512), (512, 64, 512),
+                                   (1024, 128, 1024), (1000, 36, 300), (512, 49, 1024)])
+def test_numpy_sgemm_rows_do_not_depend_on_the_rows_around_them(m, n, k):
+    """What the channel split rests on: W's rows in ranges at multiples of
+    CHANNEL_STEP give the bits of one matmul over all of them."""
+    from qnrt.ops.conv.pointwise import channel_ranges
+    rng = np.random.default_rng(m + n + k)
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    whole = w @ x
+    ranges = channel_ranges(m, 1, 1e9)
+    assert len(ranges) > 1
+    for lo, hi in ranges:
+        assert np.array_equal(bits(w[lo:hi] @ x), bits(whole[lo:hi])), (lo, hi)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 96, 96), (8, 3, 32, 32)])
+def test_steps_split_by_channels_same_bits_range_by_range(shape):
+    """The late 1x1 layers' channel ranges run one at a time, in reverse
+    order, give the bits of the whole step in one call (neighbouring ranges
+    merged into one sgemm)."""
+    session = Session(MODEL, num_threads=1, streaming=False)
+    program = compile_program(session.graph, session._consts, {"input": shape},
+                              session._kernel_choice, streaming=False)
+    np.copyto(program.views["input"],
+              np.random.default_rng(5).standard_normal(shape).astype(np.float32))
+    checked = 0
+    for step in program.steps:
+        k = step.kernel
+        k.run(step.inputs, step.outputs, step.workspace)
+        if k.parts > 1 and k.name.startswith("conv.pointwise") and not k.inplace:
+            want = step.outputs[0].copy()
+            step.outputs[0][...] = np.nan
+            for part in reversed(range(k.parts)):
+                k.run_parts(part, part + 1, step.inputs, step.outputs, step.workspace)
+            assert np.array_equal(bits(step.outputs[0]), bits(want)), step.node_name
+            checked += 1
+    assert checked >= 3
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 96, 80), (1, 3, 160, 160)])
 def test_quicknet_same_bits_on_any_thread_count(shape):
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
@@ -85,7 +139,7 @@ def test_random_chains_split_into_parts_same_bits(seed, monkeypatch):
         k = step.kernel
         if k.parts > 1:
             for part in reversed(range(k.parts)):
-                k.run_part(part, step.inputs, step.outputs, step.workspace)
+                k.run_parts(part, part + 1, step.inputs, step.outputs, step.workspace)
         else:
             k.run(step.inputs, step.outputs, step.workspace)
     assert np.array_equal(bits(program.steps[-1].outputs[0]), bits(want))
@@ -146,7 +200,7 @@ def test_kernels_run_without_the_gil():
     x = rng.standard_normal((1, cin, 128, 128)).astype(np.float32)
     y = np.empty((1, cout, 128, 128), np.float32)
     w = rng.standard_normal((cout, cin)).astype(np.float32)
-    blocks = np.array([(0, t, t + 256) for t in range(0, 128 * 128, 256)], np.int64)
+    blocks = np.array([(0, t, t + 256, 0, cout) for t in range(0, 128 * 128, 256)], np.int64)
     zeros = np.zeros(cout, np.float32)
     args = (_common.SGEMM, _common.SGEMM_ILP64, w, _common.address(x), cin * 128 * 128,
             128 * 128, _common.address(y), cout * 128 * 128, 128 * 128, blocks, 0, len(blocks),
@@ -249,18 +303,19 @@ def test_worker_threads_start_when_needed_and_end_with_their_session():
 def test_an_exception_in_a_part_reaches_the_caller():
     pool = threads.WorkerPool(3)
     try:
-        def part(p, slot, box):
+        def span(p0, p1, slot, box):
             assert 0 <= slot < 3
-            if p == 5:
-                raise RuntimeError("part 5")
-            box.append(p)
+            for p in range(p0, p1):
+                if p == 5:
+                    raise RuntimeError("part 5")
+                box.append(p)
         box: list = []
         with pytest.raises(RuntimeError, match="part 5"):
-            pool.run_parts(part, 8, (box,))
-        assert sorted(box) == [0, 1, 2, 3, 4, 6, 7]
+            pool.run_spans(span, 8, (box,))
+        assert sorted(box) == [0, 1, 2, 3, 4]  # the other threads' spans ran to the end
         box.clear()
-        pool.run_parts(lambda p, slot, b: b.append(p), 8, (box,))  # the pool still works
-        assert sorted(box) == list(range(8))
+        pool.run_spans(span, 5, (box,))  # the pool still works
+        assert sorted(box) == list(range(5))
     finally:
         pool.close()
 

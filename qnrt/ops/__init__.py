@@ -65,12 +65,12 @@ class Kernel:
     run_rows(ins, outs, workspace, r0, r1): run() computing only output rows
     [r0, r1) (the rest of outs[0] is left as it was), for kernels that drop
     rows in a band.
-    parts > 1 and run_part(part, ins, outs, workspace[, r0, r1]): the kernel
-    splits into `parts` pieces that write disjoint parts of the output, each
-    with the same arithmetic as run(), so they may run at once on several
-    threads (qnrt.threads), each thread given its own `workspace` bytes of
-    scratch; run() is the parts in order. r0, r1 are passed where the kernel
-    has run_rows."""
+    parts > 1 and run_parts(p0, p1, ins, outs, workspace[, r0, r1]): the
+    kernel splits into `parts` pieces that write disjoint parts of the output,
+    each with the same arithmetic as run(), so spans of them may run at once on
+    several threads (qnrt.threads), each thread given its own `workspace`
+    bytes of scratch; run() is all the parts in order. r0, r1 are passed where
+    the kernel has run_rows."""
     run: Callable
     workspace: int = 0  # bytes
     name: str = ""
@@ -80,7 +80,7 @@ class Kernel:
     band_pads: bool = False
     run_rows: Callable | None = None
     parts: int = 1
-    run_part: Callable | None = None
+    run_parts: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -426,7 +426,12 @@ def parts_for(units: int, ns_per_unit: float) -> int:
     ns_per_unit each splits into: none under PART_MIN_NS a part, at most
     MAX_PARTS (fixed by the work, never by the thread count, so the arena plan
     and the arithmetic are the same for any number of threads)."""
-    return max(1, min(MAX_PARTS, units, int(units * ns_per_unit // PART_MIN_NS)))
+    return min(units, work_parts(units * ns_per_unit))
+
+
+def work_parts(ns: float) -> int:
+    """Parts that `ns` of work asks for, whatever pieces it comes in."""
+    return max(1, min(MAX_PARTS, int(ns // PART_MIN_NS)))
 
 
 def split_ranges(units: int, parts: int) -> list[tuple[int, int]]:
@@ -435,13 +440,10 @@ def split_ranges(units: int, parts: int) -> list[tuple[int, int]]:
 
 
 def by_parts(run_span, parts: int):
-    """(run, run_part) of a kernel whose run_span(p0, p1, ins, outs, workspace,
-    *rows) computes parts p0 .. p1 - 1 in one call, in order, with part p0's
-    share of the workspace: run is every part in one call (one dispatch where
-    no threads share the work), run_part(part, ...) one part."""
+    """(run, run_parts) of a kernel whose run_span(p0, p1, ins, outs,
+    workspace, *rows) computes parts p0 .. p1 - 1 in one call, in order, with
+    one thread's share of the workspace: run is every part in one call (one
+    dispatch where no threads share the work), run_parts is run_span."""
     def run(*args):
         run_span(0, parts, *args)
-
-    def run_part(part, *args):
-        run_span(part, part + 1, *args)
-    return run, run_part
+    return run, run_span

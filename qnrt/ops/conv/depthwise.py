@@ -69,10 +69,10 @@ def build_nhwc(spec) -> Kernel:
         _dw_nhwc(ins[0], wt_c if wt_c is not None else weights_t(ins[1]), taps, bias,
                  slope, outs[0], ws[:(hw + 1) * cin].reshape(hw + 1, cin),
                  ws[(hw + 1) * cin:].reshape(ohw, cin), kind, a, b, ranges[p0][0], ranges[p1 - 1][1])
-    run, run_part = by_parts(run_span, parts)
+    run, run_parts = by_parts(run_span, parts)
     return Kernel(run, workspace=nhwc_bytes, row_block=1,
                   inplace=True, band_pads=True, parts=parts,  # x[n] read first
-                  run_part=run_part)
+                  run_parts=run_parts)
 
 
 def _nhwc_taps(h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw):
@@ -165,10 +165,10 @@ def build_dw3x3_padded(spec) -> Kernel:
         q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
         _dw3x3_padded(ins[0], wd if wd is not None else ins[1], bias, slope, outs[0], mult,
                       kind, a, b, ws[:(oh + 2) * sp + 1], ws[(oh + 2) * sp + 1:], q0, q1)
-    run, run_part = by_parts(run_span, parts)
+    run, run_parts = by_parts(run_span, parts)
     return Kernel(run, workspace=FLOAT * pad_floats,
                   row_block=1, inplace=True, parts=parts,  # each plane copied first
-                  run_part=run_part)
+                  run_parts=run_parts)
 
 
 @njit(cache=True)
@@ -246,9 +246,9 @@ def build_dw3x3_plane(spec) -> Kernel:
         else:
             _dw3x3(ins[0], w, bias, slope, outs[0], mult, kind, a, b, zero, r0, r1, q0, q1)
 
-    run, run_part = by_parts(run_span, parts)  # (ins, outs, workspace[, r0, r1])
+    run, run_parts = by_parts(run_span, parts)  # (ins, outs, workspace[, r0, r1])
     return Kernel(run, workspace=plane_bytes, row_block=1, inplace=mult == 1,
-                  run_rows=run, parts=parts, run_part=run_part)
+                  run_rows=run, parts=parts, run_parts=run_parts)
 
 
 @njit(cache=True)

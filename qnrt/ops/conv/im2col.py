@@ -69,9 +69,9 @@ def build_im2col(spec) -> Kernel:
                 np.matmul(wm[gi], col, out=y3[i, gi * mg:(gi + 1) * mg, t0:t0 + t])
             if active:
                 epilogue(y3[i], 0, cout, t0, t0 + t, bias, slope, kind, a, b)
-    run, run_part = by_parts(run_span, parts)
+    run, run_parts = by_parts(run_span, parts)
     return Kernel(run, workspace=cols_bytes, row_block=block,
-                  band_pads=True, parts=parts, run_part=run_part)
+                  band_pads=True, parts=parts, run_parts=run_parts)
 
 
 @njit(cache=True)

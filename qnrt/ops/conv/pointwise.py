@@ -11,6 +11,13 @@
   block is in cache. A BLAS result depends on the matrix extent, so fixed
   row blocks are also what makes a band of rows (qnrt.streaming) compute
   exactly what the whole run does.
+
+Where a layer has too few blocks (or images) to split into the parts its
+work asks for (the late layers: few columns, many channels), each block's
+output channels also split, in ranges at multiples of CHANNEL_STEP: whole
+micro-tiles of BLAS, whose result for a row of W does not depend on the
+rows around it (tests/test_threads.py checks numpy's sgemm for this), so
+neighbouring ranges run as one call wherever one thread has them all.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import numpy as np
 from .. import Kernel
 from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, act_vec, address, by_parts,
                        epilogue, floats_at, njit, parts_for, readonly, same_memory, sgemm,
-                       sgemm_like_matmul, split_ranges)
+                       sgemm_like_matmul, split_ranges, work_parts)
 
 FLOAT = np.dtype(np.float32).itemsize
 SKINNY_COLS = 4  # columns (N * H * W) the skinny kernel handles ...
@@ -29,6 +36,34 @@ BATCH_COLS = 256  # ... of about this many columns
 BATCH_WS_BYTES = 1024 * 1024  # ... within this workspace (gathered X and the product)
 GEMM_BLOCK_COLS = 256  # columns per matmul of conv.pointwise.gemm (as fast as whole planes)
 NS_PER_WEIGHT = 0.17  # skinny's time per weight (one pass over W from cache), likewise
+CHANNEL_STEP = 64  # output channels split at multiples of this (BLAS's micro-tiles) ...
+CHANNEL_MIN = 256  # ... into ranges of at least this many (each range re-packs X)
+
+
+def channel_ranges(cout: int, pieces: int, ns_per_piece: float) -> list[tuple[int, int]]:
+    """[co0, co1) ranges each of `pieces` splits its output channels into: one
+    range, unless the pieces are fewer than the parts their work asks for."""
+    want = work_parts(pieces * ns_per_piece)
+    k = min(-(-want // pieces), cout // CHANNEL_MIN) if want > pieces else 1
+    if k <= 1:
+        return [(0, cout)]
+    cuts = sorted({round(cout * j / k / CHANNEL_STEP) * CHANNEL_STEP for j in range(k)} | {cout})
+    return list(zip(cuts, cuts[1:]))
+
+
+def merged(tasks, q0: int, q1: int):
+    """Tasks q0 .. q1 - 1 of a (.., co0, co1) table with neighbouring channel
+    ranges of the same block as one: (first task, co0, co1) each, as the
+    Numba loops merge them."""
+    q = q0
+    while q < q1:
+        first, co0, co1 = q, tasks[q][-2], tasks[q][-1]
+        while q + 1 < q1 and tuple(tasks[q + 1][:-2]) == tuple(tasks[first][:-2]) \
+                and tasks[q + 1][-2] == co1:
+            q += 1
+            co1 = tasks[q][-1]
+        q += 1
+        yield first, co0, co1
 
 
 # --- conv.pointwise.skinny ----------------------------------------------------
@@ -66,9 +101,9 @@ def build_skinny(spec) -> Kernel:
                    ws[:cin * SKINNY_COLS].reshape(SKINNY_COLS, cin),
                    ws[cin * SKINNY_COLS:].reshape(SKINNY_COLS, most),
                    outs[0].reshape(n, cout, hw), bias, slope, kind, a, b, range_table, p0, p1)
-    run, run_part = by_parts(run_span, parts)
+    run, run_parts = by_parts(run_span, parts)
     return Kernel(run, workspace=FLOAT * part_floats, row_block=1, band_pads=True,
-                  parts=parts, run_part=run_part)
+                  parts=parts, run_parts=run_parts)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
@@ -149,11 +184,14 @@ def build_batched(spec) -> Kernel:
     nb = _images_per_matmul(g)
     cols = nb * hw
     chunks = [(n0, min(nb, n - n0) * hw) for n0 in range(0, n, nb)]
-    chunk_table = np.array(chunks, np.int64).reshape(-1, 2)
-    parts = parts_for(len(chunks), NS_PER_MAC * cin * cout * cols)
-    ranges = split_ranges(len(chunks), parts)
+    channels = channel_ranges(cout, len(chunks), NS_PER_MAC * cin * cout * cols)
+    tasks = [(n0, c, co0, co1) for n0, c in chunks for co0, co1 in channels]
+    task_table = np.array(tasks, np.int64).reshape(-1, 4)
+    parts = parts_for(len(tasks), NS_PER_MAC * cin * cout * cols / len(channels))
+    ranges = split_ranges(len(tasks), parts)
     ws_bytes = FLOAT * cols * (cin + cout)  # the gathered X and product
-    direct = bool(SGEMM) and sgemm_like_matmul(cout, min(c for _, c in chunks))
+    direct = bool(SGEMM) and sgemm_like_matmul(min(hi - lo for lo, hi in channels),
+                                               min(c for _, c in chunks))
     kind, a, b = epi.code, epi.a, epi.b
 
     def run_span(p0, p1, ins, outs, workspace):
@@ -161,35 +199,51 @@ def build_batched(spec) -> Kernel:
         wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
         bias, slope = epi.operands(ins)
         ws = workspace[:ws_bytes].view(np.float32)
-        if direct:  # the whole part in one call, without the GIL
-            _batched(SGEMM, SGEMM_ILP64, wm, x3, y3, chunk_table, ranges[p0][0],
-                     ranges[p1 - 1][1], ws, cols, bias, slope, kind, a, b)
+        q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
+        if direct:  # the whole span in one call, without the GIL
+            _batched(SGEMM, SGEMM_ILP64, wm, x3, y3, task_table, q0, q1, ws, cols,
+                     bias, slope, kind, a, b)
             return
-        for n0, c in chunks[ranges[p0][0]:ranges[p1 - 1][1]]:
+        gathered = None
+        for q, co0, co1 in merged(tasks, q0, q1):
             # (a short last chunk: smaller C-contiguous views)
+            n0, c = tasks[q][0], tasks[q][1]
             xv = ws[:cin * c].reshape(cin, c)
-            yv = ws[cin * cols:cin * cols + cout * c].reshape(cout, c)
-            _gather_images(x3, n0, xv)
-            np.matmul(wm, xv, out=yv)
-            _scatter_images(yv, y3, n0, bias, slope, kind, a, b)
-    run, run_part = by_parts(run_span, parts)
+            yv = ws[cin * cols:cin * cols + (co1 - co0) * c].reshape(co1 - co0, c)
+            if gathered != n0:
+                _gather_images(x3, n0, xv)
+                gathered = n0
+            np.matmul(wm[co0:co1], xv, out=yv)
+            _scatter_images(yv, y3, n0, co0, bias, slope, kind, a, b)
+    run, run_parts = by_parts(run_span, parts)
     return Kernel(run, workspace=ws_bytes, parts=parts,
-                  run_part=run_part)
+                  run_parts=run_parts)
 
 
 @njit(cache=True)
-def _batched(fn, ilp64, w, x3, y3, chunks, q0, q1, ws, cols, bias, slope, kind, a, b):
-    """Chunks q0 .. q1 - 1 of conv.pointwise.batched in one call: gather the
-    chunk's images into one (Cin, images * HW) matrix, one sgemm (as np.matmul
-    calls it), scatter with the epilogue."""
+def _batched(fn, ilp64, w, x3, y3, tasks, q0, q1, ws, cols, bias, slope, kind, a, b):
+    """Tasks q0 .. q1 - 1 of conv.pointwise.batched in one call, task q being
+    images tasks[q, 0] .. (tasks[q, 1] columns) and output channels
+    tasks[q, 2] .. tasks[q, 3]: gather the chunk's images into one (Cin,
+    images * HW) matrix, one sgemm (as np.matmul calls it) for neighbouring
+    channel ranges of the chunk at once, scatter with the epilogue."""
     cout, cin = w.shape
-    for q in range(q0, q1):
-        n0, c = chunks[q, 0], chunks[q, 1]
+    gathered = -1
+    q = q0
+    while q < q1:
+        n0, c, co0, co1 = tasks[q, 0], tasks[q, 1], tasks[q, 2], tasks[q, 3]
+        while q + 1 < q1 and tasks[q + 1, 0] == n0 and tasks[q + 1, 2] == co1:
+            q += 1
+            co1 = tasks[q, 3]
+        q += 1
         xv = ws[:cin * c].reshape((cin, c))
-        yv = ws[cin * cols:cin * cols + cout * c].reshape((cout, c))
-        _gather_images(x3, n0, xv)
-        sgemm(fn, ilp64, cout, c, cin, w.ctypes.data, cin, xv.ctypes.data, c, yv.ctypes.data, c)
-        _scatter_images(yv, y3, n0, bias, slope, kind, a, b)
+        yv = ws[cin * cols:cin * cols + (co1 - co0) * c].reshape((co1 - co0, c))
+        if gathered != n0:
+            _gather_images(x3, n0, xv)
+            gathered = n0
+        sgemm(fn, ilp64, co1 - co0, c, cin, w.ctypes.data + 4 * co0 * cin, cin, xv.ctypes.data,
+              c, yv.ctypes.data, c)
+        _scatter_images(yv, y3, n0, co0, bias, slope, kind, a, b)
 
 
 @njit(cache=True)
@@ -204,13 +258,15 @@ def _gather_images(x, n0, xs):
 
 
 @njit(cache=True)
-def _scatter_images(ys, y, n0, bias, slope, kind, a, b):
-    """y[n0 + j, c] = act(ys[c, j * HW:(j + 1) * HW] + bias[c]): the inverse of
-    _gather_images with Conv's epilogue on each row while it is in L1."""
+def _scatter_images(ys, y, n0, co0, bias, slope, kind, a, b):
+    """y[n0 + j, co0 + k] = act(ys[k, j * HW:(j + 1) * HW] + bias[co0 + k]):
+    the inverse of _gather_images for output channels co0 .. co0 +
+    ys.shape[0], with Conv's epilogue on each row while it is in L1."""
     hw = y.shape[2]
     for j in range(ys.shape[1] // hw):
-        for c in range(y.shape[1]):
-            src, dst = ys[c, j * hw:(j + 1) * hw], y[n0 + j, c]
+        for k in range(ys.shape[0]):
+            c = co0 + k
+            src, dst = ys[k, j * hw:(j + 1) * hw], y[n0 + j, c]
             for p in range(hw):
                 dst[p] = src[p]
             if kind != 0 or bias[c] != 0:
@@ -240,12 +296,16 @@ def build_gemm(spec) -> Kernel:
     kind, a, b, active = epi.code, epi.a, epi.b, epi.active
     rows = gemm_block_rows(w)
     blocks = [(i, r0 * w, min(g.h, r0 + rows) * w) for i in range(n) for r0 in range(0, g.h, rows)]
-    block_table = np.array(blocks, np.int64).reshape(-1, 3)
-    parts = parts_for(len(blocks), NS_PER_MAC * cin * cout * rows * w)
-    ranges = split_ranges(len(blocks), parts)
-    # over its own input (Cin == Cout): each block's input is copied out first
-    scratch = FLOAT * cin * min(rows, g.h) * w if cin == cout else 0
-    direct = bool(SGEMM) and sgemm_like_matmul(cout, min(t1 - t0 for _, t0, t1 in blocks))
+    channels = channel_ranges(cout, len(blocks), NS_PER_MAC * cin * cout * rows * w)
+    tasks = [(i, t0, t1, co0, co1) for i, t0, t1 in blocks for co0, co1 in channels]
+    task_table = np.array(tasks, np.int64).reshape(-1, 5)
+    parts = parts_for(len(tasks), NS_PER_MAC * cin * cout * rows * w / len(channels))
+    ranges = split_ranges(len(tasks), parts)
+    # over its own input (Cin == Cout): each block's input is copied out first;
+    # not where channels split (a range would overwrite what another still reads)
+    scratch = FLOAT * cin * min(rows, g.h) * w if cin == cout and len(channels) == 1 else 0
+    direct = bool(SGEMM) and sgemm_like_matmul(min(hi - lo for lo, hi in channels),
+                                               min(t1 - t0 for _, t0, t1 in blocks))
 
     def run_span(p0, p1, ins, outs, workspace):
         x, y = ins[0], outs[0]
@@ -253,43 +313,52 @@ def build_gemm(spec) -> Kernel:
         bias, slope = epi.operands(ins)
         inplace = scratch and same_memory(x, y)
         ws = workspace[:scratch].view(np.float32) if inplace else None
-        if direct:  # the whole part in one call, without the GIL
+        q0, q1 = ranges[p0][0], ranges[p1 - 1][1]
+        if direct:  # the whole span in one call, without the GIL
             _pw_gemm(SGEMM, SGEMM_ILP64, wm, address(x), x.strides[0] >> 2, x.strides[1] >> 2,
-                     address(y), y.strides[0] >> 2, y.strides[1] >> 2, block_table,
-                     ranges[p0][0], ranges[p1 - 1][1], ws if inplace else _NO_SCRATCH,
+                     address(y), y.strides[0] >> 2, y.strides[1] >> 2, task_table,
+                     q0, q1, ws if inplace else _NO_SCRATCH,
                      bias, slope, kind, a, b, active)
             return
         x3, y3 = x.reshape(n, cin, hw), y.reshape(n, cout, hw)
-        for i, t0, t1 in blocks[ranges[p0][0]:ranges[p1 - 1][1]]:
+        for q, co0, co1 in merged(tasks, q0, q1):
+            i, t0, t1 = tasks[q][:3]
             xb, yi = x3[i][:, t0:t1], y3[i]
             if inplace:
                 xb = _copy_block(xb, ws[:cin * (t1 - t0)].reshape(cin, t1 - t0))
-            np.matmul(wm, xb, out=yi[:, t0:t1])
+            np.matmul(wm[co0:co1], xb, out=yi[co0:co1, t0:t1])
             if active:
-                epilogue(yi, 0, cout, t0, t1, bias, slope, kind, a, b)
-    run, run_part = by_parts(run_span, parts)
+                epilogue(yi, co0, co1, t0, t1, bias, slope, kind, a, b)
+    run, run_parts = by_parts(run_span, parts)
     return Kernel(run, workspace=scratch, row_block=rows,
                   strided_input=True, inplace=bool(scratch), band_pads=True, parts=parts,
-                  run_part=run_part)
+                  run_parts=run_parts)
 
 
 _NO_SCRATCH = np.zeros(0, np.float32)
 
 
 @njit(cache=True)
-def _pw_gemm(fn, ilp64, w, x_at, x_image, x_ld, y_at, y_image, y_ld, blocks, q0, q1, scratch,
+def _pw_gemm(fn, ilp64, w, x_at, x_image, x_ld, y_at, y_image, y_ld, tasks, q0, q1, scratch,
              bias, slope, kind, a, b, active):
-    """Blocks q0 .. q1 - 1 of conv.pointwise.gemm: for each (image i, columns
-    t0 .. t1) in blocks, Y[i][:, t0:t1] = W @ X[i][:, t0:t1] through numpy's
-    cblas_sgemm at fn (as np.matmul calls it), then the epilogue while the
-    block is in cache. X and Y are given by address (float32, NCHW, rows of an
-    image contiguous: x_image and x_ld are the image and channel strides in
-    floats), so bands of rows (strided views) need no copy. A non-empty
-    scratch: Y is X's memory (in place), each block's input is copied there
-    first."""
+    """Tasks q0 .. q1 - 1 of conv.pointwise.gemm: for each (image i, columns
+    t0 .. t1, output channels co0 .. co1) in tasks, Y[i][co0:co1, t0:t1] =
+    W[co0:co1] @ X[i][:, t0:t1] through numpy's cblas_sgemm at fn (as
+    np.matmul calls it; neighbouring channel ranges of a block in one call),
+    then the epilogue while the block is in cache. X and Y are given by
+    address (float32, NCHW, rows of an image contiguous: x_image and x_ld are
+    the image and channel strides in floats), so bands of rows (strided views)
+    need no copy. A non-empty scratch: Y is X's memory (in place, one channel
+    range), each block's input is copied there first."""
     cout, cin = w.shape
-    for q in range(q0, q1):
-        i, t0, t1 = blocks[q, 0], blocks[q, 1], blocks[q, 2]
+    q = q0
+    while q < q1:
+        i, t0, t1, co0, co1 = tasks[q, 0], tasks[q, 1], tasks[q, 2], tasks[q, 3], tasks[q, 4]
+        while q + 1 < q1 and tasks[q + 1, 0] == i and tasks[q + 1, 1] == t0 \
+                and tasks[q + 1, 3] == co1:
+            q += 1
+            co1 = tasks[q, 4]
+        q += 1
         t = t1 - t0
         src, ld = x_at + 4 * (i * x_image + t0), x_ld
         if scratch.size:
@@ -299,9 +368,10 @@ def _pw_gemm(fn, ilp64, w, x_at, x_image, x_ld, y_at, y_image, y_ld, blocks, q0,
                     dst[j] = row[j]
             src, ld = scratch.ctypes.data, t
         dst_at = y_at + 4 * (i * y_image + t0)
-        sgemm(fn, ilp64, cout, t, cin, w.ctypes.data, cin, src, ld, dst_at, y_ld)
+        sgemm(fn, ilp64, co1 - co0, t, cin, w.ctypes.data + 4 * co0 * cin, cin, src, ld,
+              dst_at + 4 * co0 * y_ld, y_ld)
         if active:
-            for c in range(cout):
+            for c in range(co0, co1):
                 act_row(floats_at(dst_at + 4 * c * y_ld, t), bias[c], slope[c], kind, a, b)
 
 
