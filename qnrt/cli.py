@@ -240,7 +240,8 @@ def cmd_info(args) -> int:
         "unfused_arena_bytes": program.unfused.arena_bytes,
         "streamed_groups": [f"{g.links[0].node.name}..{g.links[-1].node.name} "
                             f"({g.band} rows per band"
-                            + (f", rows in {len(g.row_parts)} ranges" if g.row_parts else "")
+                            + (f", {'images' if g.row_parts[0].images else 'rows'} in "
+                               f"{len(g.row_parts)} ranges" if g.row_parts else "")
                             + ")" for g in program.groups],
         "kernel_backend": session.kernel_backend,
         "threads": session.num_threads,

@@ -331,15 +331,20 @@ def _schedule(graph, shapes, kernels, consts, unfused: Layout, unfused_plan: Pla
     return groups, layout, memory
 
 
+SPLIT_SLACK = 32  # a split group may grow the one-thread arena by 1/32 of it
+
+
 def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: int,
                      arena_limit: int | None):
-    """Streamed groups whose output rows split into one range per thread
+    """Streamed groups split into one range per thread: by images where there
+    are several (streaming.split_images), else by output rows
     (streaming.split_rows), each range in bands of the group's height or, if
     the ranges' band buffers together would make the arena larger than
-    arena_limit (or, without one, than the one-thread arena), of a half or a
-    quarter of it: a small arena is what streaming is for."""
+    arena_limit (or, without one, than the one-thread arena and SPLIT_SLACK
+    of it: each thread's band kernels have scratch of their own), of a half or
+    a quarter of it: a small arena is what streaming is for."""
     from . import streaming
-    budget = max(memory.arena_bytes, arena_limit or 0)
+    budget = max(memory.arena_bytes + memory.arena_bytes // SPLIT_SLACK, arena_limit or 0)
     groups = list(groups)
     for i, group in enumerate(groups):
         for candidate in streaming.row_split_candidates(group, threads):

@@ -32,6 +32,7 @@ import numpy as np
 
 from .graph import GraphError, Node
 from .ops import Kernel, OpDef, RowWindow, get_op
+from .ops._common import split_ranges
 from .planner import Buffer, aligned, place
 from .threads import parallel as threading_run
 
@@ -608,14 +609,25 @@ def finalize(choice: GroupChoice, place: bool = True) -> GroupChoice:
 
 @dataclass(frozen=True)
 class RowPart:
-    """Output rows [start, end) of a group's last op, simulated on their own:
-    their program, and the bytes of its band buffers and of its largest band
-    kernel's scratch (one after the other in the group's workspace)."""
+    """Output rows [start, end) of a group's last op for images [n0, n1),
+    simulated on their own: their program, and the bytes of its band buffers
+    and of its largest band kernel's scratch (one after the other in the
+    group's workspace)."""
     start: int
     end: int
     program: GroupProgram
     band_bytes: int
     kernel_bytes: int
+    images: tuple | None = None  # (n0, n1); None: every image
+
+
+def _part(choice: GroupChoice, rows: tuple | None, images: tuple | None) -> RowPart:
+    program = simulate(choice, True, rows)
+    kernel_ws = max((action[1].kernel(action[2]).workspace for action in program.actions
+                     if action[0] == "run"), default=0)
+    start, end = rows if rows is not None else (0, choice.links[-1].out_shape[2])
+    return RowPart(start, end, program, aligned(FLOAT * program.workspace_floats),
+                   aligned(kernel_ws), images)
 
 
 def split_rows(choice: GroupChoice, parts: int) -> GroupChoice:
@@ -632,19 +644,46 @@ def split_rows(choice: GroupChoice, parts: int) -> GroupChoice:
     ranges = [(a, b) for a, b in zip(starts, starts[1:] + [oh]) if a < b]
     if len(ranges) < 2:
         return choice
-    pieces = []
-    for a, b in ranges:
-        program = simulate(choice, True, (a, b))
-        kernel_ws = max((action[1].kernel(action[2]).workspace for action in program.actions
-                         if action[0] == "run"), default=0)
-        pieces.append(RowPart(a, b, program, aligned(FLOAT * program.workspace_floats),
-                              aligned(kernel_ws)))
+    pieces = [_part(choice, r, None) for r in ranges]
     return dataclasses.replace(choice, row_parts=tuple(pieces),
                                workspace=sum(p.band_bytes + p.kernel_bytes for p in pieces))
 
 
+def split_images(choice: GroupChoice, parts: int) -> GroupChoice:
+    """The finalized group with its images in `parts` ranges, each run band by
+    band through band buffers for its own images only: so the ranges' buffers
+    add up to about one range's for every image, and a batch spreads over
+    threads without a larger arena. A band kernel computes each image as it
+    does in a batch (checked bit for bit by tests/test_threads.py)."""
+    n = choice.links[0].in_shape[0]
+    ranges = [(a, b) for a, b in split_ranges(n, min(parts, n)) if a < b]
+    if len(ranges) < 2:
+        return choice
+    pieces = []
+    for n0, n1 in ranges:
+        links = tuple(_with_images(link, n1 - n0) for link in choice.links)
+        pieces.append(_part(dataclasses.replace(choice, links=links, program=None), None,
+                            (n0, n1)))
+    return dataclasses.replace(choice, row_parts=tuple(pieces),
+                               workspace=sum(p.band_bytes + p.kernel_bytes for p in pieces))
+
+
+def _with_images(link: Link, n: int) -> Link:
+    """The link for a batch of n of its images (its band kernels built anew)."""
+    return dataclasses.replace(link, in_shape=(n,) + link.in_shape[1:],
+                               out_shape=(n,) + link.out_shape[1:], _rows_out={}, _kernels={})
+
+
 def row_split_candidates(group: GroupChoice, threads: int):
-    """The group split by rows for `threads`, in its own bands, then in lower ones."""
+    """The group split for `threads`: by images where it has several, then by
+    rows in its own bands, then in lower ones."""
+    if group.links[0].in_shape[0] > 1:
+        try:
+            split = split_images(group, threads)
+        except (NotStreamable, GraphError):
+            split = group
+        if split.row_parts:
+            yield split
     split = split_rows(group, threads)
     if not split.row_parts:
         return
@@ -675,7 +714,8 @@ def group_kernel(choice: GroupChoice, x0: np.ndarray, xm: np.ndarray,
         bound, at = [], 0
         for part in choice.row_parts:
             size = part.band_bytes + part.kernel_bytes
-            bound.append(bind(part.program, x0, xm, workspace[at:at + size]))
+            images = slice(*part.images) if part.images else slice(None)
+            bound.append(bind(part.program, x0[images], xm[images], workspace[at:at + size]))
             at += size
 
         def run_parts(p0, p1, ins, outs, _workspace):  # each range has its own memory

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import qnrt
-from qnrt import threads
+from qnrt import compiler, threads
 from qnrt.compiler import compile_program
 from qnrt.ops import _common
 from qnrt.session import Session, SessionOptions
@@ -337,9 +337,9 @@ def test_cli_threads_option():
     assert report["threads"] == 3 and report["split_steps"] > 0
 
 
-def _group_split_same_bits(session, shape, x, specs, parts_list):
-    """Each forced group, its rows split for 2..5 threads, gives the group's
-    output of the unsplit run, bit for bit."""
+def _group_split_same_bits(session, shape, x, specs, parts_list, split_by="rows"):
+    """Each forced group, its rows (or images) split for 2..5 threads, gives
+    the group's output of the unsplit run, bit for bit."""
     from qnrt import streaming
     program = compile_program(session.graph, session._consts, {session.get_inputs()[0].name:
                               shape}, session._kernel_choice, groups=specs)
@@ -355,7 +355,7 @@ def _group_split_same_bits(session, shape, x, specs, parts_list):
     for group in program.groups:
         x0, ym = want[group.links[0].node.name]
         for parts in parts_list:
-            split = streaming.split_rows(group, parts)
+            split = getattr(streaming, f"split_{split_by}")(group, parts)
             if not split.row_parts:  # fewer row blocks than threads: nothing to split
                 continue
             done += 1
@@ -381,6 +381,34 @@ def test_quicknet_groups_split_by_rows_same_bits(shape):
     specs = [GroupSpec(names[0], names[pool3], 2, "cadence"),
              GroupSpec(names[pool3 + 1], "pool6", 1, "uniform")]
     assert _group_split_same_bits(s, shape, x, specs, (2, 3, 5)) >= 5
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 40, 40), (3, 3, 67, 45)])
+def test_quicknet_groups_split_by_images_same_bits(shape):
+    """A batch's images in ranges, each through band buffers (and band
+    kernels) for its own images only: the bits of the whole batch."""
+    from qnrt.streaming import GroupSpec
+    s = Session(MODEL, num_threads=1)
+    names = [n.name for n in s.graph.nodes]
+    pool3 = names.index("pool3")
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    specs = [GroupSpec(names[0], names[pool3], 2, "cadence"),
+             GroupSpec(names[pool3 + 1], "pool6", 1, "uniform")]
+    assert _group_split_same_bits(s, shape, x, specs, (2, 3, 4), "images") >= 5
+
+
+def test_a_batch_streams_on_threads_by_images_within_the_arena():
+    shape = (32, 3, 32, 32)
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    one = Session(MODEL, num_threads=1)
+    want = one.run(None, {"input": x})[0]
+    base = one.prepare({"input": shape}).memory.arena_bytes
+    two = Session(MODEL, num_threads=2)
+    program = two.prepare({"input": shape})
+    assert program.groups and all(g.row_parts and g.row_parts[0].images == (0, 16)
+                                  for g in program.groups)
+    assert program.memory.arena_bytes <= base + base // compiler.SPLIT_SLACK
+    assert np.array_equal(bits(two.run(None, {"input": x})[0]), bits(want))
 
 
 @pytest.mark.parametrize("seed", range(12))
