@@ -344,7 +344,8 @@ def _rows_on_threads(graph, shapes, kernels, groups, layout, memory, threads: in
     of it: each thread's band kernels have scratch of their own), of a half or
     a quarter of it: a small arena is what streaming is for."""
     from . import streaming
-    budget = max(memory.arena_bytes + memory.arena_bytes // SPLIT_SLACK, arena_limit or 0)
+    budget = (max(memory.arena_bytes, arena_limit) if arena_limit is not None
+              else memory.arena_bytes + memory.arena_bytes // SPLIT_SLACK)
     groups = list(groups)
     for i, group in enumerate(groups):
         for candidate in streaming.row_split_candidates(group, threads):

@@ -172,6 +172,9 @@ def time_case(qnb_path: str, onnx_path: str, shape, threads: int, rounds: int, t
 
     engs = peers.engines(qnb_path, onnx_path, shape, threads, tmp,
                          say=lambda m: print(m, file=sys.stderr))
+    unstreamed = peers.qnrt_unstreamed_engine(qnb_path, shape, threads)
+    if unstreamed is not None:
+        engs.append(unstreamed)
     if tuple(shape) == INT8_SHAPE:
         import qnrt
         s8 = qnrt.Session(qnb_path, weights="int8", num_threads=threads)

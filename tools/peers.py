@@ -53,6 +53,22 @@ def qnrt_engine(qnb_path: str, threads: int) -> Engine:
                   f"kernels {s.kernel_backend}")
 
 
+def qnrt_unstreamed_engine(qnb_path: str, shape, threads: int) -> Engine | None:
+    """qnrt with streaming=False, where the default plan streams at this shape:
+    the speed its smaller arena costs (both arenas in the note)."""
+    import qnrt
+    s = qnrt.Session(qnb_path, num_threads=threads)
+    name = s.get_inputs()[0].name
+    default = s.prepare({name: tuple(shape)})
+    if not default.groups:
+        return None
+    u = qnrt.Session(qnb_path, num_threads=threads, streaming=False)
+    plain = u.prepare({name: tuple(shape)})
+    return Engine("qnrt unstreamed", qnrt.__version__, lambda x: u.run(None, {name: x})[0],
+                  threads, f"arena {plain.memory.arena_bytes / 2**20:.2f} MiB, streamed "
+                  f"{default.memory.arena_bytes / 2**20:.2f} MiB")
+
+
 def ort_engine(onnx_path: str, threads: int) -> Engine:
     import onnxruntime as ort
     o = ort.SessionOptions()
