@@ -292,7 +292,9 @@ def test_more_threads_than_cores_at_once_is_said():
 def test_worker_threads_start_when_needed_and_end_with_their_session():
     s = Session(MODEL, num_threads=3)
     assert s._pool is None or not s._pool._workers  # no threads before a step splits
-    s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})  # no step worth splitting
+    assert s._pool is None or not s._pool._workers
+    s.run(None, {"input": np.zeros((1, 3, 96, 96), np.float32)})
     mine = list(s._pool._workers)
     assert len(mine) == 2 and all(t.is_alive() for t in mine)
     del s

@@ -416,7 +416,7 @@ def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
 
 # --- parts: kernels that split over threads (qnrt.threads) -----------------------
 
-PART_MIN_NS = 25_000  # estimated time of one part: smaller kernels do not split
+PART_MIN_NS = 100_000  # estimated time of one part: smaller kernels do not split
 MAX_PARTS = 8  # = qnrt.threads.MAX_PARTS (ops do not import the session's layers)
 NS_PER_MAC = 0.012  # BLAS's time per multiply-add on this class of machine, for parts_for
 

@@ -296,10 +296,11 @@ def build_gemm(spec) -> Kernel:
     kind, a, b, active = epi.code, epi.a, epi.b, epi.active
     rows = gemm_block_rows(w)
     blocks = [(i, r0 * w, min(g.h, r0 + rows) * w) for i in range(n) for r0 in range(0, g.h, rows)]
-    channels = channel_ranges(cout, len(blocks), NS_PER_MAC * cin * cout * rows * w)
+    block_ns = NS_PER_MAC * cin * cout * min(rows, g.h) * w
+    channels = channel_ranges(cout, len(blocks), block_ns)
     tasks = [(i, t0, t1, co0, co1) for i, t0, t1 in blocks for co0, co1 in channels]
     task_table = np.array(tasks, np.int64).reshape(-1, 5)
-    parts = parts_for(len(tasks), NS_PER_MAC * cin * cout * rows * w / len(channels))
+    parts = parts_for(len(tasks), block_ns / len(channels))
     ranges = split_ranges(len(tasks), parts)
     # over its own input (Cin == Cout): each block's input is copied out first;
     # not where channels split (a range would overwrite what another still reads)
