@@ -261,16 +261,18 @@ def _gather_images(x, n0, xs):
 def _scatter_images(ys, y, n0, co0, bias, slope, kind, a, b):
     """y[n0 + j, co0 + k] = act(ys[k, j * HW:(j + 1) * HW] + bias[co0 + k]):
     the inverse of _gather_images for output channels co0 .. co0 +
-    ys.shape[0], with Conv's epilogue on each row while it is in L1."""
+    ys.shape[0], with Conv's epilogue on each whole row of ys first (one
+    vectorized pass of images * HW values, not one short pass per image)."""
     hw = y.shape[2]
-    for j in range(ys.shape[1] // hw):
-        for k in range(ys.shape[0]):
-            c = co0 + k
-            src, dst = ys[k, j * hw:(j + 1) * hw], y[n0 + j, c]
+    for k in range(ys.shape[0]):
+        c = co0 + k
+        row = ys[k]
+        if kind != 0 or bias[c] != 0:
+            act_row(row, bias[c], slope[c], kind, a, b)
+        for j in range(ys.shape[1] // hw):
+            src, dst = row[j * hw:(j + 1) * hw], y[n0 + j, c]
             for p in range(hw):
                 dst[p] = src[p]
-            if kind != 0 or bias[c] != 0:
-                act_row(dst, bias[c], slope[c], kind, a, b)
 
 
 # --- conv.pointwise.gemm ------------------------------------------------------
