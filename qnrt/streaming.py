@@ -676,7 +676,7 @@ def _with_images(link: Link, n: int) -> Link:
 
 def row_split_candidates(group: GroupChoice, threads: int):
     """The group split for `threads`: by images where it has several, then by
-    rows in its own bands, then in lower ones."""
+    rows in its own bands, then in lower ones (of two rows or more)."""
     if group.links[0].in_shape[0] > 1:
         try:
             split = split_images(group, threads)
@@ -689,7 +689,9 @@ def row_split_candidates(group: GroupChoice, threads: int):
         return
     yield split
     links = list(group.links)
-    for band in (b for b in (group.band // 2, group.band // 4) if b >= 1):
+    # not bands of one row: they make more calls than a second thread saves
+    # (QuickNet at 224x224 on 2 threads: 47 ms, against 37.5 ms unsplit)
+    for band in (b for b in (group.band // 2, group.band // 4) if b >= 2):
         for policy in (cadence, uniform):
             try:
                 choice = group_choice(links, band, Stats(), policy)
