@@ -373,8 +373,12 @@ def _group_split_same_bits(session, shape, x, specs, parts_list, split_by="rows"
     return done
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 96, 80), (2, 3, 67, 45)])
-def test_quicknet_groups_split_by_rows_same_bits(shape):
+@pytest.mark.parametrize("split_by,shape,parts", [
+    ("rows", (1, 3, 96, 80), (2, 3, 5)), ("rows", (2, 3, 67, 45), (2, 3, 5)),
+    # a batch's images in ranges, each through band buffers (and band kernels)
+    # for its own images only
+    ("images", (4, 3, 40, 40), (2, 3, 4)), ("images", (3, 3, 67, 45), (2, 3, 4))])
+def test_quicknet_groups_split_same_bits(split_by, shape, parts):
     from qnrt.streaming import GroupSpec
     s = Session(MODEL, num_threads=1)
     names = [n.name for n in s.graph.nodes]
@@ -382,30 +386,20 @@ def test_quicknet_groups_split_by_rows_same_bits(shape):
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     specs = [GroupSpec(names[0], names[pool3], 2, "cadence"),
              GroupSpec(names[pool3 + 1], "pool6", 1, "uniform")]
-    assert _group_split_same_bits(s, shape, x, specs, (2, 3, 5)) >= 5
+    assert _group_split_same_bits(s, shape, x, specs, parts, split_by) >= 5
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 40, 40), (3, 3, 67, 45)])
-def test_quicknet_groups_split_by_images_same_bits(shape):
-    """A batch's images in ranges, each through band buffers (and band
-    kernels) for its own images only: the bits of the whole batch."""
-    from qnrt.streaming import GroupSpec
-    s = Session(MODEL, num_threads=1)
-    names = [n.name for n in s.graph.nodes]
-    pool3 = names.index("pool3")
-    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
-    specs = [GroupSpec(names[0], names[pool3], 2, "cadence"),
-             GroupSpec(names[pool3 + 1], "pool6", 1, "uniform")]
-    assert _group_split_same_bits(s, shape, x, specs, (2, 3, 4), "images") >= 5
+def _one_thread_then_two(shape, seed):
+    """(input, the 1-thread output, the 1-thread arena bytes, a 2-thread Session)."""
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    one = Session(MODEL, num_threads=1)
+    return (x, one.run(None, {"input": x})[0], one.prepare({"input": shape}).memory.arena_bytes,
+            Session(MODEL, num_threads=2))
 
 
 def test_a_batch_streams_on_threads_by_images_within_the_arena():
     shape = (32, 3, 32, 32)
-    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
-    one = Session(MODEL, num_threads=1)
-    want = one.run(None, {"input": x})[0]
-    base = one.prepare({"input": shape}).memory.arena_bytes
-    two = Session(MODEL, num_threads=2)
+    x, want, base, two = _one_thread_then_two(shape, 6)
     program = two.prepare({"input": shape})
     assert program.groups and all(g.row_parts and g.row_parts[0].images == (0, 16)
                                   for g in program.groups)
@@ -437,11 +431,7 @@ def test_threads_keep_the_arena_and_split_streamed_rows_within_a_limit():
     with an arena_limit that leaves room, each thread runs its own range of a
     streamed group's rows. The bits are the same either way."""
     shape = (1, 3, 224, 224)
-    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
-    one = Session(MODEL, num_threads=1)
-    want = one.run(None, {"input": x})[0]
-    base = one.prepare({"input": shape}).memory.arena_bytes
-    two = Session(MODEL, num_threads=2)
+    x, want, base, two = _one_thread_then_two(shape, 5)
     assert two.prepare({"input": shape}).memory.arena_bytes <= 1.1 * base
     assert np.array_equal(bits(two.run(None, {"input": x})[0]), bits(want))
     roomy = Session(MODEL, num_threads=2, arena_limit=8_000_000)
