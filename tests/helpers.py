@@ -1,12 +1,34 @@
-"""Shared test helpers: ONNX Runtime as the reference engine, and the one
-closeness rule."""
+"""Shared test helpers: ONNX Runtime as the reference engine, the one
+closeness rule, and the tools/ scripts loaded as modules."""
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (loaded once per process; registered in
+    sys.modules first, where dataclasses look their module up)."""
+    key = f"qnrt_tools_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "tools",
+                                                                         f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
 
 
 def assert_close(ours, ref, rel: float = 1e-4, per_element: bool = False) -> float:

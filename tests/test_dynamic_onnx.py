@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from helpers import ort_session
+from helpers import load_tool, ort_session
 from test_messy_onnx import Builder
 from qnrt import Session
 from qnrt.exporters.cleanup import summary
@@ -421,13 +421,7 @@ def dynamic_models(torch_models: bool = True) -> list:
 
 
 def test_conformance_tool_checks_each_shape_and_names_the_rules(tmp_path, capsys):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "conformance.py")
-    spec = importlib.util.spec_from_file_location("conformance", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("conformance")
     src = tmp_path / "rec.onnx"
     onnx.save(p2o_recogniser(), str(src))
     assert tool.main([str(src), "--input-shape", "1,3,16,40", "--input-shape", "2,3,24,28",

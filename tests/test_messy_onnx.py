@@ -19,7 +19,7 @@ import onnx
 import pytest
 
 import helpers
-from helpers import ort_session
+from helpers import load_tool, ort_session
 from onnx import TensorProto, helper, numpy_helper
 
 from qnrt.exporters import from_onnx, to_onnx
@@ -583,13 +583,7 @@ def test_nchw_input_option_drops_the_input_transpose(tmp_path):
 
 
 def test_conformance_tool(tmp_path, capsys):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "conformance.py")
-    spec = importlib.util.spec_from_file_location("conformance", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("conformance")
     good = tmp_path / "good.onnx"
     onnx.save(bn_mul_add(13).model, str(good))
     assert tool.main([str(good)]) == 0

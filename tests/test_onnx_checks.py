@@ -94,6 +94,16 @@ def test_non_utf8_names_are_refused(tmp_path):
         convert(str(src), str(tmp_path / "m.qnb"))
 
 
+def _convert_in_child(m, tmp_path):
+    """`qnrt convert` on the model in a child process (some models abort one)."""
+    import subprocess
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(m.SerializeToString())
+    return subprocess.run([sys.executable, "-m", "qnrt", "convert", str(src),
+                           str(tmp_path / "m.qnb")], capture_output=True, text=True, timeout=120)
+
+
 def test_an_output_without_a_shape_converts_when_inference_finds_it(tmp_path):
     m = model(outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     src = tmp_path / "m.onnx"
@@ -150,8 +160,6 @@ def test_dims_that_would_abort_onnx_shape_inference_are_refused_first(tmp_path):
     on a Slice after a Pad of 2^62: the pads are refused before it runs. The
     conversion runs in a child process so that an abort fails the test, not
     the suite."""
-    import subprocess
-
     pads = numpy_helper.from_array(np.array([2**31 - 1, 3, 2**62, -2**63, -2, 3, 2**32 - 1, 2],
                                             np.int64), "p")
     m = model(nodes=[helper.make_node("Pad", ["x", "p"], ["xp"], name="pad"),
@@ -160,10 +168,7 @@ def test_dims_that_would_abort_onnx_shape_inference_are_refused_first(tmp_path):
                      numpy_helper.from_array(np.array([-1], np.int64), "en"),
                      numpy_helper.from_array(np.array([3], np.int64), "ax")],
               outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    src = tmp_path / "m.onnx"
-    src.write_bytes(m.SerializeToString())
-    run = subprocess.run([sys.executable, "-m", "qnrt", "convert", str(src),
-                          str(tmp_path / "m.qnb")], capture_output=True, text=True, timeout=120)
+    run = _convert_in_child(m, tmp_path)
     assert run.returncode == 1, run.stderr
     assert run.stderr.startswith("qnrt: error: ") and run.stderr.count("\n") == 1, run.stderr
     assert "'pad' (Pad): input 1 'p' holds 4611686018427387904" in run.stderr
@@ -173,8 +178,6 @@ def test_a_model_whose_shape_inference_aborts_is_refused(tmp_path):
     """A ConvTranspose whose pads exceed its output gives ONNX's inference a
     negative width, and the Slice after it aborts the process in C++: convert
     tries the inference in a child first and refuses the model in one line."""
-    import subprocess
-
     w = numpy_helper.from_array(np.ones((2, 1, 3, 2), np.float32), "w")
     consts = [w] + [numpy_helper.from_array(np.array([v], np.int64), name)
                     for name, v in (("st", 1), ("en", -1), ("ax", 3))]
@@ -185,10 +188,7 @@ def test_a_model_whose_shape_inference_aborts_is_refused(tmp_path):
               inits=consts, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                   [1, 2, 8, 1])],
               outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    src = tmp_path / "m.onnx"
-    src.write_bytes(m.SerializeToString())
-    run = subprocess.run([sys.executable, "-m", "qnrt", "convert", str(src),
-                          str(tmp_path / "m.qnb")], capture_output=True, text=True, timeout=120)
+    run = _convert_in_child(m, tmp_path)
     assert run.returncode == 1, run.stderr
     assert run.stderr.count("\n") == 1 and "ONNX shape inference crashes" in run.stderr
 

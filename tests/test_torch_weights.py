@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import struct
 import sys
 from collections import OrderedDict
@@ -18,22 +17,11 @@ import qnrt  # noqa: E402
 from qnrt.exporters.torch_weights import (TorchNotInstalled, quicknet_from_state_dict,  # noqa: E402
                                      read_state_dict)
 from qnrt.cli import main as cli  # noqa: E402
+from helpers import load_tool  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, CLASSES = 0.125, 10
 
-
-def _load_train():
-    name = "qnrt_train"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "train.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-train = _load_train()
+train = load_tool("train")
 
 
 def _randomize(model, seed=0):

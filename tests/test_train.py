@@ -1,10 +1,8 @@
 """tools/train.py: the PyTorch QuickNet, its neutral weights, data and CLI."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -13,21 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from qnrt.models import quicknet  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name, filename):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", filename))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_tool  # noqa: E402
 
 
-train = _load("qnrt_tools_train", "train.py")
+train = load_tool("train")
 datasets = train.datasets
 
 

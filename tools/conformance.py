@@ -121,7 +121,7 @@ def check_model(path, name, feeds=None, expected=None, input_shape=None, shapes=
     return rows
 
 
-def print_table(rows, out=sys.stdout):
+def print_table(rows, out=None):  # out None: sys.stdout as it is at the call
     head = ["model", "opset", "nodes", "input", "output", "max|err|", "scale", "rel err",
             "vs ref", "result"]
     table = []
@@ -168,7 +168,7 @@ def worst_errors(rows) -> list[dict]:
     return list(worst.values())
 
 
-def print_worst(rows, out=sys.stdout):
+def print_worst(rows, out=None):
     table = [[w["model"], w["output"][:20], str(w["runs"]), f"{w['rel']:.2e}", w["shape"]]
              for w in worst_errors(rows)]
     print("\nworst relative error per output (max|err| / max(1, max|onnxruntime output|)):",
@@ -176,7 +176,7 @@ def print_worst(rows, out=sys.stdout):
     _print_columns(["model", "output", "shapes", "worst rel err", "at input"], table, out)
 
 
-def print_cleanup(rows, out=sys.stdout):
+def print_cleanup(rows, out=None):
     """Per model, the clean-up rules that fired (exporters.cleanup.summary)."""
     from qnrt.exporters.cleanup import summary
 
