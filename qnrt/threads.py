@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import glob
-import itertools
 import os
 import threading
 import warnings

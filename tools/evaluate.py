@@ -232,7 +232,7 @@ def _print_everyday(daily, by_condition: bool) -> None:
 
 
 def _print_heldout(rows) -> None:
-    print(f"| model | size | PyTorch | ONNX Runtime | qnrt | qnrt = ORT | qnrt = PyTorch |")
+    print("| model | size | PyTorch | ONNX Runtime | qnrt | qnrt = ORT | qnrt = PyTorch |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {os.path.basename(r['model'])} | {r['file_bytes'] / 2**20:.2f} MiB | "

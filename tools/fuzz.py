@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import multiprocessing as mp
 import os
@@ -387,7 +386,6 @@ def onnx_bases() -> list:
 def torchlike_model(opset: int = 13):
     """What torch.onnx writes for a small net: Constant shapes, Shape/Gather/
     Concat/Reshape flatten, Cast, Identity, BN, Resize, Pad, Gemm, Softmax."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -454,7 +452,7 @@ ONNX_EDITS = ("data_type", "drop_attr", "attr_type", "attr_value", "output_shape
 def mutate_onnx(rng, kind: str):
     """(bytes, base name) of one mutated ONNX file."""
     import onnx
-    from onnx import AttributeProto, TensorProto, helper
+    from onnx import AttributeProto, helper
 
     name, raw = _pick(rng, onnx_bases())
     if kind == "synthetic":
