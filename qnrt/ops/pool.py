@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import Kernel, RowWindow, Variant, register
-from ._common import attr_ints, fail, maximum, njit, valid_range as _valid, window_geometry
+from ._common import (attr_ints, by_parts, fail, maximum, njit, parts_for, split_ranges,
+                      valid_range as _valid, window_geometry)
 from ..validate import BOOL, WINDOW, Schema
 
 # A max over a window that lies entirely in the padding: ONNX Runtime (and so
 # qnrt) answers the lowest finite float32, not -inf.
 LOWEST = np.float32(np.finfo(np.float32).min)
+NS_PER_OUTPUT = 1.5  # pool.max2x2's time per output, for splitting into parts (profile_nodes)
 
 
 def _geometry(node, in_shapes):
@@ -66,6 +68,7 @@ def _counts(n, out, k, s, d, pb, pe, include_pad):
 @dataclass(frozen=True, eq=False)
 class PoolSpec:
     is_max: bool
+    planes: int  # N * C
     h: int
     w: int
     kernel: tuple  # (kh, kw)
@@ -87,7 +90,8 @@ def analyse(node, in_shapes, out_shapes, consts):
     h, w = (int(d) for d in in_shapes[0][2:])
     cnt_h, cnt_w = (_counts(*dim, inc) for dim in zip((h, w), out, kernel, strides, dil, begin,
                                                        end))
-    return PoolSpec(node.op == "MaxPool", h, w, tuple(kernel), tuple(strides), tuple(dil),
+    planes = int(in_shapes[0][0]) * int(in_shapes[0][1])
+    return PoolSpec(node.op == "MaxPool", planes, h, w, tuple(kernel), tuple(strides), tuple(dil),
                     tuple(begin), tuple(end), tuple(out), inc, cnt_h, cnt_w)
 
 
@@ -101,16 +105,22 @@ def _is_max2x2(s: PoolSpec) -> bool:
 
 def _build_max2x2(s: PoolSpec) -> Kernel:
     h, w, (oh, ow) = s.h, s.w, s.out
+    planes = s.planes
+    parts = parts_for(planes, NS_PER_OUTPUT * oh * ow)  # each part: a range of planes
+    ranges = split_ranges(planes, parts)
 
-    def run(ins, outs, workspace):  # QuickNet's pool: one pass per output row
-        _max2x2(ins[0].reshape(-1, h, w), outs[0].reshape(-1, oh, ow))
-    return Kernel(run, row_block=1, band_pads=True)
+    def run_span(p0, p1, ins, outs, workspace):  # QuickNet's pool: one pass per output row
+        _max2x2(ins[0].reshape(-1, h, w), outs[0].reshape(-1, oh, ow),
+                ranges[p0][0], ranges[p1 - 1][1])
+    run, run_parts = by_parts(run_span, parts)
+    return Kernel(run, row_block=1, band_pads=True, parts=parts, run_parts=run_parts)
 
 
 @njit(cache=True)
-def _max2x2(x, y):
-    """MaxPool 2x2 stride 2 without padding over (planes, H, W) views."""
-    for p in range(x.shape[0]):
+def _max2x2(x, y, q0, q1):
+    """MaxPool 2x2 stride 2 without padding over (planes, H, W) views, planes
+    q0 .. q1 - 1."""
+    for p in range(q0, q1):
         for oh in range(y.shape[1]):
             r0, r1, out = x[p, 2 * oh], x[p, 2 * oh + 1], y[p, oh]
             for j in range(y.shape[2]):

@@ -22,7 +22,11 @@ NHWC_MAX_WIDTH = 64  # depthwise outputs narrower than this go channels-last ...
 NHWC_MAX_BYTES = 2 * 1024 * 1024  # ... if the transposed image fits this workspace
 DW3X3_NHWC_MAX_WIDTH = 12  # ... or, for 3x3/s1/p1 (whose plane kernels are faster), this
 DW3X3_PAD_MAX_WIDTH = 24  # 3x3/s1/p1 narrower than this: the zero-padded flat kernel
-NS_PER_TAP = 0.08  # time per multiply-add of the 3x3 loops, for splitting into parts
+# time per multiply-add, for splitting into parts (tools/profile_nodes.py, 1 thread:
+# the plane loops run 0.4-0.9 ns per 3x3 output, the channels-last and padded
+# kernels 1.0-1.7 ns with their copies)
+NS_PER_TAP = 0.08
+NS_PER_TAP_COPIED = 0.15
 
 
 def _depthwise_weights(spec):
@@ -53,7 +57,7 @@ def build_nhwc(spec) -> Kernel:
     (sh, sw), (dh, dw), (ph, pw) = g.strides, g.dilations, g.pads_begin
     taps = _nhwc_taps(g.h, g.w, g.oh, g.ow, kh, kw, sh, sw, ph, pw, dh, dw)
     nhwc_bytes = _nhwc_bytes(g)  # one image channels-last, in and out
-    parts = parts_for(g.n, NS_PER_TAP * kh * kw * ohw * cin)  # each part: a range of images
+    parts = parts_for(g.n, NS_PER_TAP_COPIED * kh * kw * ohw * cin)  # each part: a range of images
     ranges = split_ranges(g.n, parts)
     kind, a, b = epi.code, epi.a, epi.b
 
@@ -155,7 +159,7 @@ def build_dw3x3_padded(spec) -> Kernel:
     sp = g.w + 1
     pad_floats = (oh + 2) * sp + 1 + oh * sp  # the padded plane and output rows
     planes = g.n * g.cout
-    parts = parts_for(planes, NS_PER_TAP * 9 * g.ohw)
+    parts = parts_for(planes, NS_PER_TAP_COPIED * 9 * g.ohw)
     ranges = split_ranges(planes, parts)
     kind, a, b = epi.code, epi.a, epi.b
 
