@@ -18,6 +18,7 @@ set back to the caller's setting when the last concurrent run ends.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import glob
@@ -164,9 +165,12 @@ def parallel(run_parts, parts: int, pool: WorkerPool, slot_bytes: int = 0):
 
 class BlasThreads:
     """Sets numpy's OpenBLAS to one thread while any qnrt run is in progress
-    and back to what it was when the last one ends. BLAS results do not depend
-    on its thread count (tests/test_threads.py checks qnrt's), only the cores it
-    competes for. Without an OpenBLAS that numpy loaded, it does nothing."""
+    and back to what it was when the last one ends: its own threads would
+    compete with qnrt's for the cores, and its results can depend on its
+    thread count (OpenBLAS's Haswell kernel on AMD Zen 3 splits a product
+    into pieces that round differently), so a run's bits depend only on qnrt's
+    own parts, which do not. Without an OpenBLAS that numpy loaded, it does
+    nothing."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -196,6 +200,16 @@ class BlasThreads:
             self._threads_running -= threads
             if self._active == 0 and self._set is not None and self._saved not in (None, 1):
                 self._set(self._saved)
+
+    @contextlib.contextmanager
+    def one_thread(self, threads: int = 1):
+        """enter/exit around a block that runs kernels outside Session.run
+        (tools, tests), so they compute what a run does."""
+        self.enter(threads)
+        try:
+            yield
+        finally:
+            self.exit(threads)
 
 
 def _openblas_functions():

@@ -19,6 +19,7 @@ from qnrt.compiler import ArenaLimitError, KernelChoice, compile_program, smalle
 from qnrt.graph import Graph, GraphError, Node, ValueInfo
 from qnrt.ops import get_op
 from qnrt.streaming import GroupSpec
+from qnrt.threads import blas_threads
 
 MODEL = "models/quicknet_digits.qnb"
 
@@ -31,8 +32,9 @@ def run_program(program, feed: dict) -> np.ndarray:
     """The first graph output of a compiled program (as Session.run does it)."""
     for name, value in feed.items():
         np.copyto(program.views[name], value)
-    for step in program.steps:
-        step.kernel.run(step.inputs, step.outputs, step.workspace)
+    with blas_threads().one_thread():  # numpy's BLAS on one thread, as in Session.run
+        for step in program.steps:
+            step.kernel.run(step.inputs, step.outputs, step.workspace)
     return program.steps[-1].outputs[0].copy()
 
 

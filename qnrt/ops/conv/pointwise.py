@@ -14,10 +14,10 @@
 
 Where a layer has too few blocks (or images) to split into the parts its
 work asks for (the late layers: few columns, many channels), each block's
-output channels also split, in ranges at multiples of CHANNEL_STEP: whole
-micro-tiles of BLAS, whose result for a row of W does not depend on the
-rows around it (tests/test_threads.py checks numpy's sgemm for this), so
-neighbouring ranges run as one call wherever one thread has them all.
+output channels also split, in ranges at multiples of CHANNEL_STEP. Each
+range is its own sgemm call on any number of threads: what BLAS gives a row
+of W can depend on the rows around it (OpenBLAS's Haswell kernel on AMD Zen
+does), so ranges merged into one call on one thread would change the bits.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from .. import Kernel
 from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, act_vec, address, by_parts,
-                       epilogue, floats_at, njit, parts_for, readonly, same_memory, sgemm,
-                       sgemm_like_matmul, split_ranges, work_parts)
+                       epilogue, floats_at, njit, parts_for, readonly, same_memory,
+                       sgemm, sgemm_like_matmul, split_ranges, work_parts)
 
 FLOAT = np.dtype(np.float32).itemsize
 SKINNY_COLS = 4  # columns (N * H * W) the skinny kernel handles ...
@@ -36,7 +36,7 @@ BATCH_COLS = 256  # ... of about this many columns
 BATCH_WS_BYTES = 1024 * 1024  # ... within this workspace (gathered X and the product)
 GEMM_BLOCK_COLS = 256  # columns per matmul of conv.pointwise.gemm (as fast as whole planes)
 NS_PER_WEIGHT = 0.17  # skinny's time per weight (one pass over W from cache), likewise
-CHANNEL_STEP = 64  # output channels split at multiples of this (BLAS's micro-tiles) ...
+CHANNEL_STEP = 64  # output channels split at multiples of this ...
 CHANNEL_MIN = 256  # ... into ranges of at least this many (each range re-packs X)
 
 
@@ -49,21 +49,6 @@ def channel_ranges(cout: int, pieces: int, ns_per_piece: float) -> list[tuple[in
         return [(0, cout)]
     cuts = sorted({round(cout * j / k / CHANNEL_STEP) * CHANNEL_STEP for j in range(k)} | {cout})
     return list(zip(cuts, cuts[1:]))
-
-
-def merged(tasks, q0: int, q1: int):
-    """Tasks q0 .. q1 - 1 of a (.., co0, co1) table with neighbouring channel
-    ranges of the same block as one: (first task, co0, co1) each, as the
-    Numba loops merge them."""
-    q = q0
-    while q < q1:
-        first, co0, co1 = q, tasks[q][-2], tasks[q][-1]
-        while q + 1 < q1 and tuple(tasks[q + 1][:-2]) == tuple(tasks[first][:-2]) \
-                and tasks[q + 1][-2] == co1:
-            q += 1
-            co1 = tasks[q][-1]
-        q += 1
-        yield first, co0, co1
 
 
 # --- conv.pointwise.skinny ----------------------------------------------------
@@ -205,9 +190,7 @@ def build_batched(spec) -> Kernel:
                      bias, slope, kind, a, b)
             return
         gathered = None
-        for q, co0, co1 in merged(tasks, q0, q1):
-            # (a short last chunk: smaller C-contiguous views)
-            n0, c = tasks[q][0], tasks[q][1]
+        for n0, c, co0, co1 in tasks[q0:q1]:  # (a short last chunk: smaller views)
             xv = ws[:cin * c].reshape(cin, c)
             yv = ws[cin * cols:cin * cols + (co1 - co0) * c].reshape(co1 - co0, c)
             if gathered != n0:
@@ -225,17 +208,12 @@ def _batched(fn, ilp64, w, x3, y3, tasks, q0, q1, ws, cols, bias, slope, kind, a
     """Tasks q0 .. q1 - 1 of conv.pointwise.batched in one call, task q being
     images tasks[q, 0] .. (tasks[q, 1] columns) and output channels
     tasks[q, 2] .. tasks[q, 3]: gather the chunk's images into one (Cin,
-    images * HW) matrix, one sgemm (as np.matmul calls it) for neighbouring
-    channel ranges of the chunk at once, scatter with the epilogue."""
+    images * HW) matrix, one sgemm per task (as np.matmul calls it), scatter
+    with the epilogue."""
     cout, cin = w.shape
     gathered = -1
-    q = q0
-    while q < q1:
+    for q in range(q0, q1):
         n0, c, co0, co1 = tasks[q, 0], tasks[q, 1], tasks[q, 2], tasks[q, 3]
-        while q + 1 < q1 and tasks[q + 1, 0] == n0 and tasks[q + 1, 2] == co1:
-            q += 1
-            co1 = tasks[q, 3]
-        q += 1
         xv = ws[:cin * c].reshape((cin, c))
         yv = ws[cin * cols:cin * cols + (co1 - co0) * c].reshape((co1 - co0, c))
         if gathered != n0:
@@ -324,8 +302,7 @@ def build_gemm(spec) -> Kernel:
                      bias, slope, kind, a, b, active)
             return
         x3, y3 = x.reshape(n, cin, hw), y.reshape(n, cout, hw)
-        for q, co0, co1 in merged(tasks, q0, q1):
-            i, t0, t1 = tasks[q][:3]
+        for i, t0, t1, co0, co1 in tasks[q0:q1]:
             xb, yi = x3[i][:, t0:t1], y3[i]
             if inplace:
                 xb = _copy_block(xb, ws[:cin * (t1 - t0)].reshape(cin, t1 - t0))
@@ -347,21 +324,15 @@ def _pw_gemm(fn, ilp64, w, x_at, x_image, x_ld, y_at, y_image, y_ld, tasks, q0, 
     """Tasks q0 .. q1 - 1 of conv.pointwise.gemm: for each (image i, columns
     t0 .. t1, output channels co0 .. co1) in tasks, Y[i][co0:co1, t0:t1] =
     W[co0:co1] @ X[i][:, t0:t1] through numpy's cblas_sgemm at fn (as
-    np.matmul calls it; neighbouring channel ranges of a block in one call),
-    then the epilogue while the block is in cache. X and Y are given by
+    np.matmul calls it; one call per task), then the epilogue while the block
+    is in cache. X and Y are given by
     address (float32, NCHW, rows of an image contiguous: x_image and x_ld are
     the image and channel strides in floats), so bands of rows (strided views)
     need no copy. A non-empty scratch: Y is X's memory (in place, one channel
     range), each block's input is copied there first."""
     cout, cin = w.shape
-    q = q0
-    while q < q1:
+    for q in range(q0, q1):
         i, t0, t1, co0, co1 = tasks[q, 0], tasks[q, 1], tasks[q, 2], tasks[q, 3], tasks[q, 4]
-        while q + 1 < q1 and tasks[q + 1, 0] == i and tasks[q + 1, 1] == t0 \
-                and tasks[q + 1, 3] == co1:
-            q += 1
-            co1 = tasks[q, 4]
-        q += 1
         t = t1 - t0
         src, ld = x_at + 4 * (i * x_image + t0), x_ld
         if scratch.size:
