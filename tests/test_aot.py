@@ -89,6 +89,7 @@ def test_every_variant_is_bit_identical_aot_and_jit_and_aot_needs_no_numba(build
     assert not differ, differ[:10]
     variants = {k.rsplit("|", 1)[1] for k in jit.files}
     assert {"conv.pointwise.skinny", "conv.pointwise.batched", "conv.pointwise.gemm",
+            "conv.pointwise.tiled",
             "conv.depthwise.nhwc", "conv.dw3x3.padded", "conv.dw3x3.plane",
             "conv.depthwise.rows", "conv.im2col", "pool.max2x2", "pool.window",
             "binary.broadcast6", "resize.bilinear", "conv_transpose.col2im", "gather.blocks",

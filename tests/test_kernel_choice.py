@@ -20,19 +20,19 @@ from qnrt.ops import REGISTRY, all_variants
 MODEL = "models/quicknet_digits.qnb"
 
 SEP_32 = (["conv.dw3x3.plane", "conv.pointwise.gemm", "pool.max2x2"]
-          + ["conv.dw3x3.padded", "conv.pointwise.gemm"] * 2 + ["pool.max2x2"]
-          + ["conv.depthwise.nhwc", "conv.pointwise.gemm"] * 3 + ["pool.max2x2"]
-          + ["conv.depthwise.nhwc", "conv.pointwise.gemm"] * 3 + ["pool.max2x2"]
+          + ["conv.dw3x3.padded", "conv.pointwise.tiled"] * 2 + ["pool.max2x2"]
+          + ["conv.depthwise.nhwc", "conv.pointwise.tiled"] * 3 + ["pool.max2x2"]
+          + ["conv.depthwise.nhwc", "conv.pointwise.tiled"] * 3 + ["pool.max2x2"]
           + ["conv.depthwise.nhwc", "conv.pointwise.skinny"] * 3)
 SEP_224 = (["conv.dw3x3.plane", "conv.pointwise.gemm", "pool.max2x2"]
            + ["conv.dw3x3.plane", "conv.pointwise.gemm"] * 2 + ["pool.max2x2"]
            + ["conv.dw3x3.plane", "conv.pointwise.gemm"] * 3 + ["pool.max2x2"]
            + ["conv.dw3x3.plane", "conv.pointwise.gemm"] * 3 + ["pool.max2x2"]
            + ["conv.dw3x3.padded", "conv.pointwise.gemm"] * 3)
-HEAD = ["conv.pointwise.gemm", "global_pool.rows", "reshape.alias", "softmax.rows"]
-QUICKNET_KERNELS = {
-    (1, 3, 32, 32): ["conv.im2col"] + SEP_32 + HEAD,
-    (1, 3, 224, 224): ["conv.im2col"] + SEP_224 + HEAD,
+HEAD = ["global_pool.rows", "reshape.alias", "softmax.rows"]
+QUICKNET_KERNELS = {  # the head's 1x1 conv on 2x2 and on 14x14
+    (1, 3, 32, 32): ["conv.im2col"] + SEP_32 + ["conv.pointwise.tiled"] + HEAD,
+    (1, 3, 224, 224): ["conv.im2col"] + SEP_224 + ["conv.pointwise.gemm"] + HEAD,
 }
 
 

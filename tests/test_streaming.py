@@ -129,6 +129,8 @@ CHAIN_KERNELS = [
      "conv.pointwise.batched": "conv.pointwise.gemm"},
     {"conv.dw3x3.plane": "conv.dw3x3.padded", "conv.depthwise.nhwc": "conv.dw3x3.plane",
      "pool.max2x2": "pool.window"},
+    {"conv.pointwise.gemm": "conv.pointwise.tiled", "conv.pointwise.batched": "conv.pointwise.tiled",
+     "conv.pointwise.skinny": "conv.pointwise.tiled"},
 ]
 
 
@@ -255,6 +257,7 @@ def _conv_kernel(variant, x_shape, w, pads, group, cin_eq_cout=True):
     ("conv.depthwise.nhwc", 3, [1, 1, 1, 1], "dw"),
     ("conv.depthwise.nhwc", 5, [2, 2, 2, 2], "dw"),
     ("conv.pointwise.gemm", 1, [0, 0, 0, 0], 1),
+    ("conv.pointwise.tiled", 1, [0, 0, 0, 0], 1),
 ])
 @pytest.mark.parametrize("shape", [(1, 8, 13, 30), (2, 5, 7, 3)])
 def test_inplace_kernels_match_out_of_place_bit_for_bit(variant, kernel, pads, group, shape):

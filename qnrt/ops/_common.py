@@ -38,6 +38,8 @@ def sgemm_like_matmul(m: int, n: int) -> bool:
     computes the same bits."""
     return m >= 2 and n >= 2
 floats_at = jit_only("qnrt.ops._numba_ext", "floats_at")
+# register-tiled FMA products with the bias and ReLU/PRelu in registers (qnrt.ops._fma_tiles)
+gemm_tiles = jit_only("qnrt.ops._fma_tiles", "gemm_tiles")
 
 
 

@@ -6,6 +6,7 @@ Variants, in the order they are tried (docs/architecture.md lists all ops'):
 |--------------------------|------------------------------------|--------------|
 | conv.pointwise.skinny    | 1x1, const W, <= 4 columns in all  | pointwise.py |
 | conv.pointwise.batched   | 1x1 (preferred: batches of small)  | pointwise.py |
+| conv.pointwise.tiled     | 1x1                                | pointwise.py |
 | conv.pointwise.gemm      | 1x1                                | pointwise.py |
 | conv.depthwise.nhwc      | depthwise, multiplier 1            | depthwise.py |
 | conv.dw3x3.padded        | depthwise 3x3/s1/p1                | depthwise.py |
@@ -98,6 +99,8 @@ VARIANTS = [
             pointwise.skinny_prefers),
     Variant("conv.pointwise.batched", pointwise.build_batched, pointwise.batched_applies,
             pointwise.batched_prefers),
+    Variant("conv.pointwise.tiled", pointwise.build_tiled, pointwise.tiled_applies,
+            pointwise.tiled_prefers),
     Variant("conv.pointwise.gemm", pointwise.build_gemm, pointwise.gemm_applies),
     Variant("conv.depthwise.nhwc", depthwise.build_nhwc, depthwise.nhwc_applies,
             depthwise.nhwc_prefers),

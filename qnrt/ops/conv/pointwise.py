@@ -6,6 +6,11 @@
 - conv.pointwise.batched: a batch of small images, which one matmul per image
   would give too few columns and make re-read W: chunks of images are
   gathered into one (Cin, images * HW) matmul in the workspace;
+- conv.pointwise.tiled: register tiles of fused multiply-adds over W and X in
+  place, with the bias and ReLU/PRelu applied in registers before the one
+  store (qnrt.ops._fma_tiles): each output is the same chain of FMAs
+  whatever the blocking, so any band of rows, and any split into parts,
+  computes exactly what the whole run does;
 - conv.pointwise.gemm: BLAS matmuls over blocks of whole rows (about
   GEMM_BLOCK_COLS columns each), each followed by the epilogue while the
   block is in cache. A BLAS result depends on the matrix extent, so fixed
@@ -25,7 +30,7 @@ import numpy as np
 
 from .. import Kernel
 from .._common import (NS_PER_MAC, SGEMM, SGEMM_ILP64, act_row, act_vec, address, by_parts,
-                       epilogue, floats_at, njit, parts_for, readonly, same_memory,
+                       epilogue, floats_at, gemm_tiles, njit, parts_for, readonly, same_memory,
                        sgemm, sgemm_like_matmul, split_ranges, work_parts)
 
 FLOAT = np.dtype(np.float32).itemsize
@@ -251,6 +256,78 @@ def _scatter_images(ys, y, n0, co0, bias, slope, kind, a, b):
             src, dst = row[j * hw:(j + 1) * hw], y[n0 + j, c]
             for p in range(hw):
                 dst[p] = src[p]
+
+
+# --- conv.pointwise.tiled -----------------------------------------------------
+
+TILED_FEW_COLUMNS = 64  # planes of at most this many pixels go tiled ...
+TILED_SMALL_PLANE, TILED_SMALL_CIN = 256, 256  # ... and these, with this many input channels
+TILED_PANEL = 16  # columns of _fma_tiles' wide panel (an in-place step copies one at a time)
+
+
+def tiled_applies(spec) -> bool:
+    return spec.geometry.is_pointwise
+
+
+def tiled_prefers(spec) -> bool:
+    """Few columns a plane (BLAS would pack W for each call), or small planes
+    of few input channels: measured on QuickNet's layers against
+    conv.pointwise.gemm; larger planes stay with BLAS, whose packing keeps
+    them in cache better."""
+    g = spec.geometry
+    return g.hw <= TILED_FEW_COLUMNS or (g.hw <= TILED_SMALL_PLANE and g.cin <= TILED_SMALL_CIN)
+
+
+def build_tiled(spec) -> Kernel:
+    g, epi = spec.geometry, spec.epilogue
+    n, cin, cout, hw, w = g.n, g.cin, g.cout, g.hw, g.w
+    w2 = readonly(spec.weights.reshape(cout, cin)) if spec.has_const_weights else None
+    kind, a, b = epi.code, epi.a, epi.b
+    rows = gemm_block_rows(w)  # blocks of rows only to split into parts: any band is exact
+    blocks = [(i, r0 * w, min(g.h, r0 + rows) * w) for i in range(n) for r0 in range(0, g.h, rows)]
+    block_ns = NS_PER_MAC * cin * cout * min(rows, g.h) * w
+    channels = channel_ranges(cout, len(blocks), block_ns)
+    tasks = [(i, t0, t1, co0, co1) for i, t0, t1 in blocks for co0, co1 in channels]
+    task_table = np.array(tasks, np.int64).reshape(-1, 5)
+    parts = parts_for(len(tasks), block_ns / len(channels))
+    ranges = split_ranges(len(tasks), parts)
+    # over its own input (Cin == Cout): one column panel of X copied at a time;
+    # not where channels split (a range would overwrite what another still reads)
+    scratch = FLOAT * cin * TILED_PANEL if cin == cout and len(channels) == 1 else 0
+
+    def run_span(p0, p1, ins, outs, workspace):
+        x, y = ins[0], outs[0]
+        wm = w2 if w2 is not None else ins[1].reshape(cout, cin)
+        bias, slope = epi.operands(ins)
+        copy_at = address(workspace) if scratch and same_memory(x, y) else 0
+        _pw_tiled(wm, address(x), x.strides[0] >> 2, x.strides[1] >> 2, address(y),
+                  y.strides[0] >> 2, y.strides[1] >> 2, task_table, ranges[p0][0],
+                  ranges[p1 - 1][1], bias, slope, kind, a, b, copy_at)
+    run, run_parts = by_parts(run_span, parts)
+    return Kernel(run, workspace=scratch, row_block=1, strided_input=True, inplace=bool(scratch),
+                  band_pads=True, parts=parts, run_parts=run_parts)
+
+
+@njit(cache=True)
+def _pw_tiled(w, x_at, x_image, x_ld, y_at, y_image, y_ld, tasks, q0, q1, bias, slope, kind,
+              a, b, copy_at):
+    """Tasks q0 .. q1 - 1 of conv.pointwise.tiled: for each (image i, columns
+    t0 .. t1, output channels co0 .. co1), Y[i][co0:co1, t0:t1] =
+    act(W[co0:co1] @ X[i][:, t0:t1] + bias) by gemm_tiles, X and Y by address
+    as in _pw_gemm (copy_at: scratch for a step over its own input, else 0).
+    Activations other than ReLU and PRelu: one pass over the block's rows
+    after."""
+    cout, cin = w.shape
+    for q in range(q0, q1):
+        i, t0, t1, co0, co1 = tasks[q, 0], tasks[q, 1], tasks[q, 2], tasks[q, 3], tasks[q, 4]
+        t = t1 - t0
+        dst_at = y_at + 4 * (i * y_image + t0)
+        gemm_tiles(cin, co1 - co0, t, w.ctypes.data + 4 * co0 * cin, cin,
+                   x_at + 4 * (i * x_image + t0), x_ld, dst_at + 4 * co0 * y_ld, y_ld,
+                   bias.ctypes.data + 4 * co0, slope.ctypes.data + 4 * co0, kind, copy_at)
+        if kind > 2:
+            for c in range(co0, co1):
+                act_row(floats_at(dst_at + 4 * c * y_ld, t), bias[c], slope[c], kind, a, b)
 
 
 # --- conv.pointwise.gemm ------------------------------------------------------
