@@ -280,17 +280,11 @@ def tiled_prefers(spec) -> bool:
 
 def build_tiled(spec) -> Kernel:
     g, epi = spec.geometry, spec.epilogue
-    n, cin, cout, hw, w = g.n, g.cin, g.cout, g.hw, g.w
+    cin, cout = g.cin, g.cout
     w2 = readonly(spec.weights.reshape(cout, cin)) if spec.has_const_weights else None
     kind, a, b = epi.code, epi.a, epi.b
-    rows = gemm_block_rows(w)  # blocks of rows only to split into parts: any band is exact
-    blocks = [(i, r0 * w, min(g.h, r0 + rows) * w) for i in range(n) for r0 in range(0, g.h, rows)]
-    block_ns = NS_PER_MAC * cin * cout * min(rows, g.h) * w
-    channels = channel_ranges(cout, len(blocks), block_ns)
-    tasks = [(i, t0, t1, co0, co1) for i, t0, t1 in blocks for co0, co1 in channels]
-    task_table = np.array(tasks, np.int64).reshape(-1, 5)
-    parts = parts_for(len(tasks), block_ns / len(channels))
-    ranges = split_ranges(len(tasks), parts)
+    # blocks of rows only to split into parts: any band computes exactly
+    rows, blocks, channels, task_table, parts, ranges = _block_tasks(g)
     # over its own input (Cin == Cout): one column panel of X copied at a time;
     # not where channels split (a range would overwrite what another still reads)
     scratch = FLOAT * cin * TILED_PANEL if cin == cout and len(channels) == 1 else 0
@@ -346,19 +340,28 @@ def gemm_block_rows(width: int) -> int:
     return rows
 
 
+def _block_tasks(g):
+    """The (image, column t0, t1, channel co0, co1) tasks of a 1x1 layer in
+    blocks of whole rows (gemm_block_rows), each block's output channels
+    split where the blocks are fewer than the parts their work asks for, and
+    the parts they make: (rows, blocks, channels, task table, parts, ranges)."""
+    rows, w = gemm_block_rows(g.w), g.w
+    blocks = [(i, r0 * w, min(g.h, r0 + rows) * w) for i in range(g.n) for r0 in range(0, g.h, rows)]
+    block_ns = NS_PER_MAC * g.cin * g.cout * min(rows, g.h) * w
+    channels = channel_ranges(g.cout, len(blocks), block_ns)
+    tasks = [(i, t0, t1, co0, co1) for i, t0, t1 in blocks for co0, co1 in channels]
+    parts = parts_for(len(tasks), block_ns / len(channels))
+    return (rows, blocks, channels, np.array(tasks, np.int64).reshape(-1, 5), parts,
+            split_ranges(len(tasks), parts))
+
+
 def build_gemm(spec) -> Kernel:
     g, epi = spec.geometry, spec.epilogue
     n, cin, cout, hw, w = g.n, g.cin, g.cout, g.hw, g.w
     w2 = readonly(spec.weights.reshape(cout, cin)) if spec.has_const_weights else None
     kind, a, b, active = epi.code, epi.a, epi.b, epi.active
-    rows = gemm_block_rows(w)
-    blocks = [(i, r0 * w, min(g.h, r0 + rows) * w) for i in range(n) for r0 in range(0, g.h, rows)]
-    block_ns = NS_PER_MAC * cin * cout * min(rows, g.h) * w
-    channels = channel_ranges(cout, len(blocks), block_ns)
-    tasks = [(i, t0, t1, co0, co1) for i, t0, t1 in blocks for co0, co1 in channels]
-    task_table = np.array(tasks, np.int64).reshape(-1, 5)
-    parts = parts_for(len(tasks), block_ns / len(channels))
-    ranges = split_ranges(len(tasks), parts)
+    rows, blocks, channels, task_table, parts, ranges = _block_tasks(g)
+    tasks = task_table.tolist()
     # over its own input (Cin == Cout): each block's input is copied out first;
     # not where channels split (a range would overwrite what another still reads)
     scratch = FLOAT * cin * min(rows, g.h) * w if cin == cout and len(channels) == 1 else 0
