@@ -333,7 +333,7 @@ def _say_if_compiling() -> None:
     """One line before a run that will compile kernels (a cold Numba cache)."""
     from .backend import backend, jit_cache_is_cold
     if backend().name == "jit" and jit_cache_is_cold():
-        print("qnrt: compiling kernels for this machine, once (about 20 s; later runs load "
+        print("qnrt: compiling kernels for this machine, once (about 30 s; later runs load "
               "them from the cache). `qnrt compile` builds them ahead of time.",
               file=sys.stderr)
 
