@@ -211,10 +211,13 @@ def test_conv_quicknet_shapes():
 @pytest.mark.parametrize("xshape, cout", [
     ((1, 1024, 2, 2), 1024), ((1, 512, 1, 3), 300), ((4, 256, 1, 1), 257),  # <= 4 columns
     ((8, 64, 4, 4), 96), ((5, 128, 2, 3), 64), ((3, 32, 5, 5), 48),        # batched small images
-])
+    ((1, 512, 4, 4), 512), ((1, 64, 7, 9), 70), ((1, 40, 3, 5), 13),       # register tiles: wide,
+    ((2, 24, 1, 7), 5), ((1, 256, 8, 8), 256),                              # overlapping, narrow,
+])                                                                          # one column, < 6 rows
 @pytest.mark.parametrize("act", ["PRelu", "Relu", ""])
 def test_pointwise_fast_paths(xshape, cout, act):
-    """The few-column and batched-images pointwise kernels against ONNX Runtime's Conv+act."""
+    """The few-column, batched-images and register-tile pointwise kernels (every
+    variant that applies) against ONNX Runtime's Conv+act."""
     rng = np.random.default_rng(cout)
     x, w = rand(rng, xshape), rand(rng, (cout, xshape[1], 1, 1), -0.1, 0.1)
     b, slope = rand(rng, (cout,)), rand(rng, (cout,), 0.0, 0.5)
