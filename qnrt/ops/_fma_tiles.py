@@ -3,7 +3,7 @@ vector code (Numba intrinsics), for the 1x1 convolutions' GEMM.
 
 Numba's own loops keep a GEMM's accumulators in memory (it cannot prove the
 output does not alias the inputs), so they never reach the FMA units' rate.
-`fma_tile` computes an MR x (NV * LANES) tile of Y = W @ X with its MR * NV
+Each tile intrinsic computes an MR x (NV * LANES) tile of Y = W @ X with its MR * NV
 accumulators in vector registers for the whole sum over k (6 x 16 floats: 12
 of AVX2's 16 registers, 24 of NEON's 32), then adds the bias and applies
 ReLU or PRelu before the one store. W and X are read in place: W's rows at any
@@ -23,10 +23,11 @@ Imported only where kernels compile with Numba (backend.jit_only); the
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import njit, types
 from numba.extending import intrinsic, register_jitable
 
 from ..backend import JIT_OPTIONS
+from ._numba_ext import floats_at
 
 MR = 6  # rows of a full tile
 NV = 2  # vectors per row of a wide tile
@@ -145,13 +146,6 @@ _NARROW = [_tile(r, 1, LANES) for r in range(1, MR + 1)]
 _COLUMN = [_tile(r, 1, 1) for r in range(1, MR + 1)]
 
 
-@intrinsic
-def _floats(typingctx, address):
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], _F32.as_pointer())
-    return types.CPointer(types.float32)(types.int64), codegen
-
-
 def _dispatch(tiles):
     t1, t2, t3, t4, t5, t6 = tiles
 
@@ -175,7 +169,8 @@ def _dispatch(tiles):
 _wide, _narrow, _column = _dispatch(_WIDE), _dispatch(_NARROW), _dispatch(_COLUMN)
 
 
-@njit(**JIT_OPTIONS)  # one function the kernels call: compiled once, not once per caller
+# one function the kernels call: compiled once, not once per caller
+@njit(**dict(JIT_OPTIONS, cache=True))
 def gemm_tiles(k, rows, cols, w_at, ldw, x_at, ldx, y_at, ldy, bias_at, slope_at, kind, copy_at):
     """Y (rows, cols) = epilogue(W (rows, k) @ X (k, cols)), float32 matrices
     at addresses w_at, x_at, y_at with row strides ldw, ldx, ldy (in floats);
@@ -226,8 +221,7 @@ def gemm_tiles(k, rows, cols, w_at, ldw, x_at, ldx, y_at, ldy, bias_at, slope_at
 @register_jitable
 def _copy_panel(src_at, ld, k, width, dst_at):
     """dst[kk * width + c] = X[kk, c] for kk < k, c < width (X at src_at, row stride ld)."""
-    src = carray(_floats(src_at), ((k - 1) * ld + width,))
-    dst = carray(_floats(dst_at), (k * width,))
+    src, dst = floats_at(src_at, (k - 1) * ld + width), floats_at(dst_at, k * width)
     for kk in range(k):
         row, out = src[kk * ld:kk * ld + width], dst[kk * width:(kk + 1) * width]
         for c in range(width):

@@ -284,7 +284,7 @@ def build_tiled(spec) -> Kernel:
     w2 = readonly(spec.weights.reshape(cout, cin)) if spec.has_const_weights else None
     kind, a, b = epi.code, epi.a, epi.b
     # blocks of rows only to split into parts: any band computes exactly
-    rows, blocks, channels, task_table, parts, ranges = _block_tasks(g)
+    _, _, channels, task_table, parts, ranges = _block_tasks(g)
     # over its own input (Cin == Cout): one column panel of X copied at a time;
     # not where channels split (a range would overwrite what another still reads)
     scratch = FLOAT * cin * TILED_PANEL if cin == cout and len(channels) == 1 else 0
@@ -311,7 +311,7 @@ def _pw_tiled(w, x_at, x_image, x_ld, y_at, y_image, y_ld, tasks, q0, q1, bias, 
     as in _pw_gemm (copy_at: scratch for a step over its own input, else 0).
     Activations other than ReLU and PRelu: one pass over the block's rows
     after."""
-    cout, cin = w.shape
+    cin = w.shape[1]
     for q in range(q0, q1):
         i, t0, t1, co0, co1 = tasks[q, 0], tasks[q, 1], tasks[q, 2], tasks[q, 3], tasks[q, 4]
         t = t1 - t0
